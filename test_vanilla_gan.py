@@ -1,0 +1,557 @@
+"""Tests for vanilla_gan.py: shapes, ranges, real training runs, resume, and every refusal.
+
+Datasets here are small MNIST-format files the tests write and torchvision's own classes read.
+Set MNIST_DIR to a folder holding MNIST/raw/ to also train on the real digits (CI does).
+"""
+import errno
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import vanilla_gan as vg
+
+SCRIPT = Path(__file__).resolve().parent / "vanilla_gan.py"
+OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # downloads fail at once
+FASHION_DEB = Path("/usr/share/datasets/fashion-mnist")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: MNIST-format files, the CLI in a subprocess, the CLI in this process.
+# ---------------------------------------------------------------------------------------------
+
+def write_idx(path, tensor, magic):
+    with open(path, "wb") as f:
+        f.write(struct.pack(">I", magic) + struct.pack(f">{tensor.dim()}I", *tensor.shape))
+        f.write(tensor.contiguous().numpy().tobytes())
+
+
+def write_dataset(root, folder="MNIST", n_train=512, n_test=64, pattern=None):
+    """Synthetic 'digits': a bright bar on black at a random place, or one fixed pattern for all."""
+    raw = Path(root) / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = torch.zeros(n, 28, 28, dtype=torch.uint8)
+        if pattern is not None:
+            images[:] = pattern
+        else:
+            for i in range(n):
+                r, c = torch.randint(2, 18, (2,), generator=gen).tolist()
+                images[i, r:r + 8, c:c + 3] = 255
+                images[i, r + 3, c:c + 6] = 128
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images, 2051)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", torch.randint(0, 10, (n,), dtype=torch.uint8,
+                                                                        generator=gen), 2049)
+    return Path(root)
+
+
+def cli(*args, timeout=240, **popen):
+    env = dict(os.environ, MPLBACKEND="Agg", **OFFLINE)
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, **popen)
+
+
+def run_main(capsys, *args):
+    """The CLI in this process: no interpreter start-up, same code path below main()."""
+    code = vg.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_refused(code, err, expected_code, *words):
+    assert code == expected_code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got:\n{err}"
+    assert "Traceback" not in err
+    for word in words:
+        assert word.lower() in lines[0].lower(), lines[0]
+
+
+def read_metrics(run_dir):
+    import csv
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def losses(run_dir):
+    return [(r["step"], r["Loss_D"], r["Loss_G"], r["D(x)"], r["D(G(z))"]) for r in read_metrics(run_dir)]
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(data_root, tmp_path_factory):
+    """Two identical short CLI runs: the smoke test and the reproducibility test share them."""
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path_factory.mktemp("smoke") / name
+        proc = cli("--data-dir", data_root, "--out-dir", out, "--epochs", 3, "--max-steps", 12,
+                   "--batch-size", 64, "--log-every", 3, "--device", "cpu")
+        runs.append((proc, out))
+    return runs
+
+
+def train_in_process(capsys, data_root, out_dir, *extra):
+    code, out, err = run_main(capsys, "--data-dir", data_root, "--out-dir", out_dir, "--batch-size", 64,
+                              "--log-every", 1, "--device", "cpu", *extra)
+    assert code == 0, err
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The networks.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_shapes(n):
+    G, D = vg.Generator(), vg.Discriminator()
+    images = G(torch.randn(n, 100))
+    assert images.shape == (n, 1, 28, 28)
+    assert D(images).shape == (n, 1)
+
+
+def test_generator_stays_in_range_for_extreme_noise():
+    G = vg.Generator()
+    images = G(torch.randn(256, 100) * 1e4)
+    assert images.min() >= -1 and images.max() <= 1
+
+
+def test_discriminator_returns_logits_not_probabilities():
+    D = vg.Discriminator()
+    with torch.no_grad():
+        D.net[-1].bias.fill_(50.0)  # a sigmoid output could never exceed 1
+    assert (D(torch.zeros(4, 1, 28, 28)) > 1).all()
+
+
+def test_train_step_updates_every_parameter():
+    torch.manual_seed(0)
+    G, D = vg.Generator(), vg.Discriminator()
+    before = [p.clone() for p in [*G.parameters(), *D.parameters()]]
+    args = vg.parse_args([])[0]
+    opt_G, opt_D = vg.make_optimizer(G, args, torch.device("cpu")), vg.make_optimizer(D, args, torch.device("cpu"))
+    stats = vg.train_step(G, D, opt_G, opt_D, torch.rand(32, 1, 28, 28) * 2 - 1, torch.randn(32, 100), False)
+    assert stats.shape == (4,) and torch.isfinite(stats).all()
+    for old, new in zip(before, [*G.parameters(), *D.parameters()]):
+        assert not torch.equal(old, new)
+
+
+def test_one_discriminator_pass_per_update_and_no_d_weight_grads_in_g_step():
+    torch.manual_seed(0)
+    G, D = vg.Generator(), vg.Discriminator()
+    args = vg.parse_args([])[0]
+    opt_G, opt_D = vg.make_optimizer(G, args, torch.device("cpu")), vg.make_optimizer(D, args, torch.device("cpu"))
+    batch_sizes, d_grads_at_step = [], []
+    D.register_forward_hook(lambda module, inputs, output: batch_sizes.append(inputs[0].shape[0]))
+    d_step = opt_D.step
+    opt_D.step = lambda: (d_grads_at_step.extend(p.grad.clone() for p in D.parameters()), d_step())
+    vg.train_step(G, D, opt_G, opt_D, torch.rand(16, 1, 28, 28) * 2 - 1, torch.randn(16, 100), False)
+    assert batch_sizes == [32, 16]  # real and fake together for D, the same fakes once more for G
+    # The G step computed no weight gradients for D: they are exactly what D's own update used.
+    for grad, p in zip(d_grads_at_step, D.parameters()):
+        assert torch.equal(grad, p.grad)
+    assert all(p.requires_grad for p in D.parameters())
+
+
+def test_generator_learns_a_single_pattern():
+    """Every real image is the same digit-like pattern: a few hundred steps pull G's samples to it."""
+    torch.manual_seed(0)
+    pattern = torch.full((28, 28), -1.0)
+    pattern[6:22, 12:16] = 1.0
+    G, D = vg.Generator(), vg.Discriminator()
+    args = vg.parse_args([])[0]
+    opt_G, opt_D = vg.make_optimizer(G, args, torch.device("cpu")), vg.make_optimizer(D, args, torch.device("cpu"))
+    z_eval = torch.randn(256, 100)
+
+    def distance():
+        return (vg.sample(G, z_eval) - pattern).pow(2).mean().item()
+
+    start = distance()
+    real = pattern.expand(64, 1, 28, 28)
+    for _ in range(300):
+        vg.train_step(G, D, opt_G, opt_D, real, torch.randn(64, 100), False)
+    assert distance() < 0.25 * start
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+# ---------------------------------------------------------------------------------------------
+
+def test_data_pipeline_scales_to_minus_one_one(data_root):
+    images = vg.to_unit_range(vg.load_images("mnist", data_root))
+    assert images.shape == (512, 1, 28, 28) and images.dtype == torch.float32
+    assert images.min().item() == -1.0 and images.max().item() == 1.0
+
+
+@pytest.mark.skipif(not os.environ.get("MNIST_DIR"), reason="set MNIST_DIR to the folder holding MNIST/raw")
+def test_real_mnist_range_and_a_few_hundred_steps(tmp_path):
+    images = vg.to_unit_range(vg.load_images("mnist", os.environ["MNIST_DIR"]))
+    assert images.shape == (60000, 1, 28, 28)
+    assert images.min().item() == -1.0 and images.max().item() == 1.0
+    proc = cli("--data-dir", os.environ["MNIST_DIR"], "--out-dir", tmp_path / "run", "--max-steps", 300,
+               "--log-every", 50, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 6
+    assert all(0 < float(r["D(x)"]) < 1 and float(r["Loss_G"]) > 0 for r in rows)
+    assert "60000 training images" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI: a real training run, reproducibility, generation.
+# ---------------------------------------------------------------------------------------------
+
+def test_smoke_training_run_writes_every_output(smoke_runs):
+    proc, out = smoke_runs[0]
+    assert proc.returncode == 0, proc.stderr
+    for name in ("samples/epoch_001.png", "samples/epoch_002.png", "losses.png", "metrics.csv",
+                 "generator.pt", "checkpoint.pt"):
+        assert (out / name).stat().st_size > 0, name
+    rows = read_metrics(out)
+    assert [int(r["step"]) for r in rows] == [3, 6, 9, 12]
+    assert all(torch.isfinite(torch.tensor([float(r[k]) for k in ("Loss_D", "Loss_G")])).all() for r in rows)
+    for word in ("device cpu", "torch ", "512 training images", "Generator 559,632 parameters", "seed 42"):
+        assert word in proc.stdout
+    # the weights moved away from their initialisation (G is built first after seeding)
+    torch.manual_seed(42)
+    initial = vg.Generator().state_dict()
+    trained = torch.load(out / "generator.pt", weights_only=True)["generator"]
+    assert all(not torch.equal(initial[k], trained[k]) for k in initial if k.endswith("weight"))
+
+
+def test_same_seed_gives_identical_losses(smoke_runs):
+    (proc_a, out_a), (proc_b, out_b) = smoke_runs
+    assert proc_a.returncode == 0 and proc_b.returncode == 0
+    assert losses(out_a) == losses(out_b)
+
+
+def test_generate_grid_from_a_trained_generator(smoke_runs, tmp_path):
+    _, out = smoke_runs[0]
+    proc = cli("--generate", 64, "--checkpoint", out / "generator.pt", "--out", tmp_path / "digits.png")
+    assert proc.returncode == 0, proc.stderr
+    from PIL import Image
+    assert Image.open(tmp_path / "digits.png").size == (8 * 30 + 2, 8 * 30 + 2)
+
+
+def test_generate_tensor_nrow_seed_and_checkpoint_file(smoke_runs, tmp_path, capsys):
+    _, out = smoke_runs[0]
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        code, _, err = run_main(capsys, "--generate", 10, "--checkpoint", out / "checkpoint.pt",
+                                "--seed", seed, "--out", tmp_path / f"{name}.pt")
+        assert code == 0, err
+    a, b, c = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in "abc")
+    assert a.shape == (10, 1, 28, 28) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    code, _, err = run_main(capsys, "--generate", 16, "--checkpoint", out, "--nrow", 4)
+    assert code == 0, err
+    from PIL import Image
+    assert Image.open(out / "generated.png").size == (4 * 30 + 2, 4 * 30 + 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and resume.
+# ---------------------------------------------------------------------------------------------
+
+def test_checkpoint_holds_everything_to_continue(smoke_runs):
+    _, out = smoke_runs[0]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    for key in ("generator", "discriminator", "opt_G", "opt_D", "epoch", "step", "model_args", "fixed_noise",
+                "rng", "metrics", "perm"):
+        assert key in ckpt, key
+    assert ckpt["step"] == 12 and ckpt["model_args"]["g_hidden"] == [256, 512]
+    assert not (out / "checkpoint.pt.tmp").exists()
+
+
+def test_resume_is_exact(data_root, tmp_path, capsys):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_in_process(capsys, data_root, straight, "--epochs", 2)
+    train_in_process(capsys, data_root, split, "--epochs", 1)
+    code, out, err = run_main(capsys, "--resume", split, "--epochs", 2)
+    assert code == 0, err
+    assert "resuming" in out
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(split / "checkpoint.pt", weights_only=True)
+    for net in ("generator", "discriminator"):
+        assert all(torch.equal(a[net][k], b[net][k]) for k in a[net])
+    assert losses(straight) == losses(split) and len(losses(split)) == 16
+    assert sorted(p.name for p in (split / "samples").iterdir()) == ["epoch_001.png", "epoch_002.png"]
+
+
+def test_resume_refuses_model_changes_and_honours_training_flags(data_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_in_process(capsys, data_root, run, "--epochs", 1)
+    code, _, err = run_main(capsys, "--resume", run, "--latent-dim", 64, "--g-hidden", 128)
+    assert_refused(code, err, 2, "--latent-dim", "--g-hidden")
+    code, out, err = run_main(capsys, "--resume", run / "checkpoint.pt", "--epochs", 2, "--log-every", 4)
+    assert code == 0, err
+    assert [int(r["step"]) for r in read_metrics(run)][-2:] == [12, 16]
+
+
+def test_out_dir_with_a_run_is_not_overwritten(data_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_in_process(capsys, data_root, run, "--max-steps", 2)
+    before = (run / "checkpoint.pt").read_bytes()
+    code, _, err = run_main(capsys, "--data-dir", data_root, "--out-dir", run)
+    assert_refused(code, err, 1, "already holds a run", "--resume")
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("sig, expected", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_checkpoint_and_resume_finishes(data_root, tmp_path, capsys, sig, expected):
+    run = tmp_path / "run"
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--data-dir", str(data_root), "--out-dir", str(run),
+                             "--batch-size", "64", "--epochs", "1000", "--log-every", "1", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:  # wait until training is under way
+        if "Loss_D" in line:
+            break
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == expected, err
+    assert "--resume" in out and "Traceback" not in err
+    step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert step > 0
+    code, _, err = run_main(capsys, "--resume", run, "--max-steps", step + 3)
+    assert code == 0, err
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == step + 3
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_in_process(capsys, data_root, run, "--epochs", 1)
+    before = (run / "checkpoint.pt").read_bytes()
+    code, _, err = run_main(capsys, "--resume", run, "--epochs", 2, "--lr", 1e30)
+    assert_refused(code, err, 1, "diverged", "NaN")
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(data_root, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    train_in_process(capsys, data_root, run, "--epochs", 1)
+    before = (run / "checkpoint.pt").read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, _, err = run_main(capsys, "--resume", run, "--epochs", 2)
+    assert_refused(code, err, 1, "disk is full", "intact")
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert not list(run.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading files that are not ours.
+# ---------------------------------------------------------------------------------------------
+
+class Payload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):  # unpickling this calls Path.touch(target)
+        return (Path.touch, (Path(self.target),))
+
+
+def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, capsys):
+    evil, target = tmp_path / "evil.pt", tmp_path / "pwned"
+    torch.save({"format": "vanilla_gan", "generator": Payload(target)}, evil)
+    code, _, err = run_main(capsys, "--generate", 4, "--checkpoint", evil)
+    assert_refused(code, err, 1, "not a readable vanilla_gan checkpoint")
+    code, _, err = run_main(capsys, "--resume", evil)
+    assert_refused(code, err, 1, "not a readable vanilla_gan checkpoint")
+    assert not target.exists()
+
+
+def test_foreign_truncated_and_future_files_are_refused(smoke_runs, tmp_path, capsys):
+    _, out = smoke_runs[0]
+    foreign, truncated, future = tmp_path / "foreign.pt", tmp_path / "truncated.pt", tmp_path / "future.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    truncated.write_bytes((out / "generator.pt").read_bytes()[:5000])
+    data = torch.load(out / "generator.pt", weights_only=True)
+    torch.save({**data, "version": 99}, future)
+    for path, words in ((foreign, ["not a vanilla_gan checkpoint"]), (truncated, ["not a readable"]),
+                        (future, ["incompatible version"]), (tmp_path / "missing.pt", ["no checkpoint"])):
+        code, _, err = run_main(capsys, "--generate", 4, "--checkpoint", path)
+        assert_refused(code, err, 1, *words)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, a non-zero exit, no traceback.
+# ---------------------------------------------------------------------------------------------
+
+def test_unknown_flag_in_a_real_subprocess():
+    proc = cli("--epochz", 3)
+    assert_refused(proc.returncode, proc.stderr, 2, "unrecognized arguments: --epochz")
+
+
+def test_missing_dataset_offline_in_a_real_subprocess(tmp_path):
+    proc = cli("--data-dir", tmp_path / "empty", "--out-dir", tmp_path / "run")
+    assert_refused(proc.returncode, proc.stderr, 1, "could not be downloaded", str(tmp_path / "empty"),
+                   "train-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "--data-dir")
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--batch-size", "--lr", "--latent-dim", "--log-every",
+                                  "--max-steps", "--generate"])
+@pytest.mark.parametrize("value", ["0", "-1", "abc"])
+def test_non_positive_or_non_numeric_values(capsys, flag, value):
+    code, _, err = run_main(capsys, f"{flag}={value}")
+    assert_refused(code, err, 2, flag)
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--device", "tpu"], 2, ["unknown device 'tpu'"]),
+    (["--generate", "4"], 2, ["--checkpoint"]),
+    (["--generate", "4", "--checkpoint", "x.pt", "--epochs", "3"], 2, ["--epochs", "does not apply"]),
+    (["--nrow", "4"], 2, ["--nrow", "--generate"]),
+])
+def test_argument_errors(capsys, args, code, words):
+    assert_refused(*run_main(capsys, *args)[::2], code, *words)
+
+
+def test_device_not_present(capsys, tmp_path):
+    device = "cuda:99" if torch.cuda.is_available() else "cuda"
+    code, _, err = run_main(capsys, "--device", device, "--out-dir", tmp_path / "run")
+    assert_refused(code, err, 1, f"--device {device}")
+
+
+def test_batch_larger_than_the_dataset(capsys, data_root, tmp_path):
+    code, _, err = run_main(capsys, "--data-dir", data_root, "--out-dir", tmp_path / "run", "--batch-size", 513)
+    assert_refused(code, err, 2, "--batch-size 513", "512 images")
+
+
+def test_data_dir_that_is_a_file(capsys, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    code, _, err = run_main(capsys, "--data-dir", tmp_path / "file", "--out-dir", tmp_path / "run")
+    assert_refused(code, err, 1, "is a file")
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncate", ["train-images-idx3-ubyte", "truncated"]),
+    ("magic", ["train-images-idx3-ubyte", "wrong magic number"]),
+    ("directory", ["train-images-idx3-ubyte", "cannot read"]),
+])
+def test_corrupt_dataset_files_are_named(capsys, tmp_path, damage, words):
+    root = write_dataset(tmp_path / "data", n_train=64, n_test=8)
+    images = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    data = images.read_bytes()
+    if damage == "truncate":
+        images.write_bytes(data[:-100])
+    elif damage == "magic":
+        images.write_bytes(struct.pack(">I", 1234) + data[4:])
+    else:
+        images.unlink()
+        images.mkdir()
+    code, _, err = run_main(capsys, "--data-dir", root, "--out-dir", tmp_path / "run")
+    assert_refused(code, err, 1, *words)
+
+
+def test_out_dir_that_cannot_be_created(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    code, out, err = run_main(capsys, "--out-dir", tmp_path / "file" / "run", "--data-dir", tmp_path / "nowhere")
+    assert_refused(code, err, 1, "cannot write to the run folder")
+    assert "training images" not in out  # refused before any data was touched
+
+
+def test_debug_shows_the_traceback(capsys):
+    with pytest.raises(vg.GanError):
+        vg.main(["--epochs", "0", "--debug"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed options, configurations and datasets: each trains a few steps.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [["--amp"], ["--no-amp"], ["--compile", "--no-amp"]])
+def test_speed_options_train(capsys, data_root, tmp_path, flags):
+    out = train_in_process(capsys, data_root, tmp_path / "run", "--max-steps", 3, *flags)
+    assert f"amp {'--amp' in flags}" in out and f"compile {'--compile' in flags}" in out
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+CONFIGS = {  # the README's classic configurations, as flags
+    "minimal": ["--g-hidden", 128, "--g-activation", "relu", "--d-hidden", 128, "--batch-size", 64],
+    "default": [],
+    "deep": ["--g-hidden", 256, 512, 1024, "--g-activation", "relu", "--d-hidden", 1024, 512, 256],
+    "batchnorm": ["--g-hidden", 128, 256, 512, 1024, "--g-activation", "relu", "--g-batchnorm",
+                  "--d-hidden", 1024, 512, 256, "--latent-dim", 64, "--lr", 1e-5],
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_classic_configuration_trains_and_generates_without_flags(capsys, data_root, tmp_path, name):
+    run = tmp_path / "run"
+    code, out, err = run_main(capsys, "--data-dir", data_root, "--out-dir", run, "--max-steps", 3,
+                              "--device", "cpu", *CONFIGS[name])
+    assert code == 0, err
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    G = vg.build_generator(ckpt["model_args"])
+    G.load_state_dict(ckpt["generator"])
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in G.modules()) == (name == "batchnorm")
+    # one image: a BatchNorm generator in training mode could not even normalise a batch of one
+    code, _, err = run_main(capsys, "--generate", 1, "--checkpoint", run / "generator.pt",
+                            "--out", tmp_path / "one.pt")
+    assert code == 0, err
+    assert torch.load(tmp_path / "one.pt", weights_only=True).shape == (1, 1, 28, 28)
+
+
+def test_betas_and_sample_every(capsys, data_root, tmp_path):
+    run = tmp_path / "run"
+    train_in_process(capsys, data_root, run, "--max-steps", 4, "--sample-every", 2, "--beta1", 0.3,
+                     "--beta2", 0.95)
+    assert {p.name for p in (run / "samples").iterdir()} == {"step_0000002.png", "step_0000004.png",
+                                                             "epoch_001.png"}
+    group = torch.load(run / "checkpoint.pt", weights_only=True)["opt_G"]["param_groups"][0]
+    assert tuple(group["betas"]) == (0.3, 0.95)
+
+
+def test_kmnist_through_torchvision(capsys, tmp_path):
+    root = write_dataset(tmp_path / "data", folder="KMNIST", n_train=128, n_test=8)
+    out = train_in_process(capsys, root, tmp_path / "run", "--dataset", "kmnist", "--max-steps", 2)
+    assert "dataset kmnist: 128 training images" in out
+
+
+@pytest.mark.skipif(not FASHION_DEB.is_dir(), reason="apt-get install dataset-fashion-mnist (.ci/run does)")
+def test_fashion_mnist_from_debian_files(capsys, tmp_path):
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in FASHION_DEB.glob("*.gz"):
+        shutil.copy(f, raw)
+    out = train_in_process(capsys, tmp_path / "data", tmp_path / "run", "--dataset", "fashion-mnist",
+                           "--max-steps", 2)
+    assert "dataset fashion-mnist: 60000 training images" in out
+
+
+def test_fake_dataset_is_a_device_check(capsys, tmp_path):
+    out = train_in_process(capsys, tmp_path / "nowhere", tmp_path / "run", "--dataset", "fake", "--max-steps", 3)
+    assert "device check passed: trained on cpu" in out
+    assert not (tmp_path / "nowhere").exists()
+
+
+@cuda
+def test_cuda_training_and_cpu_generation(tmp_path):
+    run = tmp_path / "run"
+    proc = cli("--dataset", "fake", "--device", "cuda", "--out-dir", run, "--max-steps", 20, "--log-every", 10)
+    assert proc.returncode == 0, proc.stderr
+    assert "device check passed: trained on cuda" in proc.stdout and "CUDA " in proc.stdout
+    proc = cli("--generate", 8, "--checkpoint", run / "checkpoint.pt", "--device", "cpu", "--out", tmp_path / "x.pt")
+    assert proc.returncode == 0, proc.stderr
+
+
+@cuda
+@pytest.mark.parametrize("flags", [["--amp"], ["--compile"]])
+def test_cuda_speed_options(tmp_path, flags):
+    proc = cli("--dataset", "fake", "--device", "cuda", "--out-dir", tmp_path / "run", "--max-steps", 5, *flags)
+    assert proc.returncode == 0, proc.stderr
