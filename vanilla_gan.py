@@ -9,7 +9,7 @@ digits from G's fakes, G learns to fool D. At the equilibrium G draws digits D c
     python vanilla_gan.py --generate 64 --checkpoint runs/.../generator.pt
 
 The file reads top to bottom: configuration, data, the two networks, one training step, the
-loop, sampling and checkpoints, main().
+loop, outputs and checkpoints, generating, the quality report, main().
 """
 import argparse
 import csv
@@ -48,44 +48,23 @@ class GanError(Exception):
 # Configuration: every flag in one place.
 # ----------------------------------------------------------------------------------------------
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+def checked(cast, is_valid, expected):
+    """An argparse type: convert the text with `cast`, refuse values that are not `is_valid`."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not is_valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
 
 
-def non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
-
-
-def adam_beta(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+positive_int = checked(int, lambda v: v > 0, "a positive whole number")
+non_negative_int = checked(int, lambda v: v >= 0, "a whole number >= 0")
+positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")  # refuses nan too
+adam_beta = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def device_name(text):
@@ -121,7 +100,8 @@ def build_parser():
     run.add_argument("--device", type=device_name, default="auto", help="auto picks cuda, then mps, then cpu")
     run.add_argument("--seed", type=int, default=42, help="seed for weights, noise and batch order")
     run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                     help="bfloat16 autocast (default: on for CPUs with bf16 instructions, where it was measured faster)")
+                     help="bfloat16 autocast (default: on for CPUs with bf16 instructions, where it was "
+                          "measured faster)")
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                      help="torch.compile the two networks (off by default: on a 2-core CPU it compiled for "
                           "35 s and then ran slower)")
@@ -147,6 +127,10 @@ def build_parser():
     out.add_argument("--log-every", type=positive_int, default=100, help="print and record every N steps")
     out.add_argument("--sample-every", type=non_negative_int, default=0,
                      help="also save a sample grid every N steps (0: only at each epoch's end)")
+    out.add_argument("--eval", action="store_true",
+                     help="after training (or with --generate): FID, Inception Score and class coverage")
+    out.add_argument("--eval-every", type=non_negative_int, default=0, metavar="K",
+                     help="also evaluate every K epochs (0: never)")
     out.add_argument("--resume", default=None, metavar="PATH",
                      help="continue the run in this checkpoint file or run folder")
     gen = p.add_argument_group("generation (no training)")
@@ -163,7 +147,7 @@ def build_parser():
 # Flags that shape the model or the batch order: a resumed run must keep them.
 RUN_IDENTITY = ("dataset", "latent_dim", "g_hidden", "d_hidden", "g_activation", "g_batchnorm",
                 "batch_size", "seed")
-GENERATE_FLAGS = {"generate", "checkpoint", "out", "nrow", "seed", "device", "debug"}
+GENERATE_FLAGS = {"generate", "checkpoint", "out", "nrow", "seed", "device", "debug", "eval", "data_dir"}
 
 
 def parse_args(argv):
@@ -186,6 +170,8 @@ def parse_args(argv):
                            "(the checkpoint defines the model)", code=2)
         if args.checkpoint is None:
             raise GanError("--generate needs --checkpoint PATH (a generator.pt or checkpoint.pt)", code=2)
+    if args.dataset == "fake" and (args.eval or args.eval_every):
+        raise GanError("no quality report exists for random data (--dataset fake): drop --eval", code=2)
     return args, typed
 
 
@@ -250,12 +236,13 @@ def check_idx_file(path, magic, item_shape):
                        "delete it and download the dataset again")
 
 
-def load_images(dataset, data_dir, train=True):
-    """Uint8 images (N, 28, 28), read once through torchvision's own dataset class."""
+def load_dataset(dataset, data_dir, train=True):
+    """(images, labels): uint8 (N, 28, 28) and int64 (N,), read once through torchvision's own class."""
     if dataset == "fake":  # random pixels: exercises the whole pipeline with no files at all
-        generator = torch.Generator().manual_seed(0)
-        return torch.randint(0, 256, (60_000 if train else 10_000, 28, 28), dtype=torch.uint8,
-                             generator=generator)
+        generator = torch.Generator().manual_seed(0 if train else 1)
+        n = 60_000 if train else 10_000
+        return (torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=generator),
+                torch.randint(0, 10, (n,), generator=generator))
     import torchvision  # imported here: generating from a checkpoint needs no dataset code
 
     cls = getattr(torchvision.datasets, DATASETS[dataset])
@@ -270,7 +257,8 @@ def load_images(dataset, data_dir, train=True):
             download(cls, root, raw)
         for name, (magic, shape) in IDX_FILES.items():
             check_idx_file(raw / name, magic, shape)
-        return cls(root=str(root), train=train, download=False).data
+        data = cls(root=str(root), train=train, download=False)
+        return data.data, data.targets
     except OSError as e:  # a folder we may not list or read
         raise GanError(f"cannot read {e.filename or root}: {e.strerror}; check --data-dir") from e
 
@@ -446,7 +434,7 @@ def train(args, run_dir, device, state):
     torch.manual_seed(args.seed)
     # The whole set stays on the device as uint8 (a quarter of float32's memory): no DataLoader, no
     # per-image transforms; each batch is an index slice, scaled to [-1, 1] as it is drawn.
-    images = load_images(args.dataset, args.data_dir).to(device)
+    images = load_dataset(args.dataset, args.data_dir)[0].to(device)
     if args.batch_size > images.size(0):
         raise GanError(f"--batch-size {args.batch_size} is larger than the dataset "
                        f"({images.size(0)} images)", code=2)
@@ -456,13 +444,14 @@ def train(args, run_dir, device, state):
     opt_G, opt_D = make_optimizer(G, args, device), make_optimizer(D, args, device)
     print_banner(args, device, run_dir, images.size(0), G, D)
     if state is None:
-        state = {"epoch": 0, "batch": 0, "step": 0, "perm": None, "metrics": [],
+        state = {"epoch": 0, "batch": 0, "step": 0, "perm": None, "metrics": [], "quality": [],
                  "fixed_noise": torch.randn(SAMPLE_GRID, args.latent_dim).to(device)}
     else:
         restore(state, G, D, opt_G, opt_D, args, device)
     # Compile wrappers for the steps; G and D themselves are saved, so state_dict keys stay plain.
     G_step, D_step = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
-    write_metrics(run_dir / "metrics.csv", state["metrics"])  # a resumed run: what the checkpoint knew
+    write_rows(run_dir / "metrics.csv", METRIC_FIELDS, state["metrics"])  # resumed: what the checkpoint knew
+    judge = QualityJudge(args.dataset, args.data_dir, run_dir, device) if args.eval or args.eval_every else None
 
     steps_per_epoch = images.size(0) // args.batch_size  # full batches only: every step has one shape
     last_step = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
@@ -483,6 +472,9 @@ def train(args, run_dir, device, state):
             if state["batch"] == steps_per_epoch:
                 state["epoch"], state["batch"] = epoch, 0
             save_grid(G, state["fixed_noise"], run_dir / "samples" / f"epoch_{epoch:03d}.png")
+            if judge and evaluation_due(args, state, last_step):
+                state["quality"].append(judge(G, args.latent_dim, epoch, state["step"]))
+                write_rows(run_dir / "quality.csv", QUALITY_FIELDS, state["quality"])
             save_checkpoint(run_dir, args, state, G, D, opt_G, opt_D)
             print_epoch(epoch, args.epochs, means, time.perf_counter() - epoch_start, steps, state, clock)
     if stop.signal is not None:
@@ -490,6 +482,11 @@ def train(args, run_dir, device, state):
     if args.dataset == "fake":
         report_device_check(G, device, state, clock, args.batch_size)
     return 0, state
+
+
+def evaluation_due(args, state, last_step):
+    every = args.eval_every and state["batch"] == 0 and state["epoch"] % args.eval_every == 0
+    return every or (args.eval and state["step"] >= last_step)
 
 
 def train_epoch(G, D, opt_G, opt_D, images, state, args, last_step, stop, run_dir, G_to_sample):
@@ -593,9 +590,9 @@ def save_grid(G, z, path, nrow=8):
 METRIC_FIELDS = ["epoch", "step", "Loss_D", "Loss_G", "D(x)", "D(G(z))", "images_per_s"]
 
 
-def write_metrics(path, rows):
+def write_rows(path, fields, rows):
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, METRIC_FIELDS)
+        writer = csv.DictWriter(f, fields)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -605,17 +602,22 @@ def append_metrics(path, row):
         csv.DictWriter(f, METRIC_FIELDS).writerow(row)
 
 
-def plot_losses(rows, path):
+def plot_losses(rows, quality, path):
     from matplotlib.figure import Figure  # the object API: no GUI backend, no global state
 
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    losses, scores = fig.subplots(1, 2)
+    panels = 3 if len(quality) > 1 else 2
+    fig = Figure(figsize=(5 * panels, 4), layout="constrained")
+    axes = fig.subplots(1, panels)
     steps = [r["step"] for r in rows]
-    for key, ax in (("Loss_D", losses), ("Loss_G", losses), ("D(x)", scores), ("D(G(z))", scores)):
+    for key, ax in (("Loss_D", axes[0]), ("Loss_G", axes[0]), ("D(x)", axes[1]), ("D(G(z))", axes[1])):
         ax.plot(steps, [r[key] for r in rows], label=key)
-    losses.set(title="losses", xlabel="step")
-    scores.set(title="D's mean output (0.5 at equilibrium)", xlabel="step", ylim=(0, 1))
-    for ax in (losses, scores):
+    axes[0].set(title="losses", xlabel="step")
+    axes[1].set(title="D's mean output (0.5 at equilibrium)", xlabel="step", ylim=(0, 1))
+    if panels == 3:
+        axes[2].plot([q["step"] for q in quality], [q["FID"] for q in quality], "o-", label="FID of samples")
+        axes[2].axhline(quality[-1]["FID_real"], color="gray", linestyle="--", label="FID of real data")
+        axes[2].set(title="FID (lower is better)", xlabel="step")
+    for ax in axes:
         ax.legend()
     fig.savefig(path, dpi=100)
 
@@ -633,14 +635,17 @@ def save_atomically(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # a full disk, or a second Ctrl-C: drop the half-written file
         tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
         reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise GanError(f"could not save {path}: {reason}; the previous {path.name} is intact") from e
 
 
 def header(kind, args):
-    return {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "model_args": model_args_from(args)}
+    return {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "model_args": model_args_from(args),
+            "dataset": args.dataset}
 
 
 def save_checkpoint(run_dir, args, state, G, D, opt_G, opt_D):
@@ -652,7 +657,7 @@ def save_checkpoint(run_dir, args, state, G, D, opt_G, opt_D):
                   "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
                   "epoch": state["epoch"], "batch": state["batch"], "step": state["step"],
                   "perm": state["perm"].cpu(), "fixed_noise": state["fixed_noise"].cpu(),
-                  "rng": rng, "metrics": state["metrics"]}
+                  "rng": rng, "metrics": state["metrics"], "quality": state["quality"]}
     save_atomically(checkpoint, run_dir / "checkpoint.pt")
     save_atomically({**header("generator", args), "generator": G.state_dict()}, run_dir / "generator.pt")
 
@@ -693,11 +698,18 @@ def restore(state, G, D, opt_G, opt_D, args, device):
     state["fixed_noise"] = state["fixed_noise"].to(device)
 
 
+CHECKPOINT_KEYS = ("args", "generator", "discriminator", "opt_G", "opt_D", "epoch", "batch", "step", "perm",
+                   "fixed_noise", "rng", "metrics", "quality")
+
+
 def resolve_resume(args, typed):
     """Merge a checkpoint's saved flags with those typed now; refuse changes to the run's identity."""
     path, checkpoint = load_file(args.resume, "cpu")
     if checkpoint.get("kind") != "checkpoint":
         raise GanError(f"{path} holds only a generator; --resume needs the run's checkpoint.pt")
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise GanError(f"{path} is incomplete (no {', '.join(missing)}); start a new run")
     saved = checkpoint["args"]
     changed = [name for name in RUN_IDENTITY if name in typed and typed[name] != saved.get(name)]
     if changed:
@@ -759,7 +771,166 @@ def generate(args):
     except (OSError, ValueError) as e:  # ValueError: PIL does not know the file extension
         raise GanError(f"cannot write {out}: {e}; use a .png (grid) or .pt (tensor) file name") from e
     print(f"wrote {args.generate} images to {out.resolve()}")
+    if args.eval:
+        dataset = data.get("dataset", "mnist")
+        QualityJudge(dataset, Path(args.data_dir).resolve(), path.parent, device)(
+            G, data["model_args"]["latent_dim"], None, None)
     return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# How good is it? FID, Inception Score and class coverage, judged by a small classifier.
+# ----------------------------------------------------------------------------------------------
+
+EVAL_SAMPLES = 10_000  # generated samples per evaluation, against up to 10,000 test images
+CLASSIFIER_VERSION = 1  # bump when Classifier or its training changes: cached ones are retrained
+
+
+class Classifier(nn.Module):
+    """A small CNN; its 128 penultimate features are the space FID is measured in (the role
+    Inception-v3 plays for photographs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU())
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def train_classifier(images, labels, device, epochs=3, batch_size=128):
+    """About 30 s on a 2-core CPU for MNIST's 60,000 images, and about 99% test accuracy."""
+    model = Classifier().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), fused=device.type in ("cuda", "cpu"))
+    steps = epochs * math.ceil(len(images) / batch_size)
+    # one-cycle: warm up to 3e-3, then anneal; reaches 99% in a few epochs where a fixed rate needs more
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
+    images, labels = images.to(device), labels.to(device)
+    for _ in range(epochs):
+        for index in torch.randperm(len(images), device=device).split(batch_size):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_by_default(device)):
+                logits = model(to_unit_range(images[index])).float()
+            loss = nn.functional.cross_entropy(logits, labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+def load_classifier(dataset, data_dir, run_dir, device):
+    """The cached classifier for this dataset, or a new one trained now and cached for next time."""
+    folders = [Path(data_dir) / DATASETS[dataset], run_dir]  # beside the data if we may write there
+    for path in (folder / "classifier.pt" for folder in folders):
+        if not path.is_file():
+            continue
+        try:
+            saved = load_file(path, device)[1]
+            if saved.get("classifier_version") == CLASSIFIER_VERSION and saved.get("dataset") == dataset:
+                model = Classifier().to(device)
+                model.load_state_dict(saved["classifier"])
+                print(f"classifier {path}: {saved['accuracy']:.2%} test accuracy")
+                return model.eval()
+        except (GanError, KeyError, RuntimeError):
+            pass
+        print(f"classifier {path} is stale or damaged: training a new one")
+    start = time.perf_counter()
+    model = train_classifier(*load_dataset(dataset, data_dir, train=True), device)
+    test_images, test_labels = load_dataset(dataset, data_dir, train=False)
+    accuracy = (predict(model, test_images)[1].argmax(1).cpu() == test_labels).double().mean().item()
+    print(f"trained a {dataset} classifier in {time.perf_counter() - start:.0f}s: {accuracy:.2%} test accuracy")
+    saved = {"format": FORMAT, "version": FORMAT_VERSION, "kind": "classifier", "dataset": dataset,
+             "classifier_version": CLASSIFIER_VERSION, "accuracy": accuracy, "classifier": model.state_dict()}
+    for folder in folders:
+        try:
+            save_atomically(saved, folder / "classifier.pt")
+            break
+        except GanError:  # a read-only data folder: the run folder will do
+            continue
+    return model
+
+
+@torch.inference_mode()
+def predict(classifier, images, batch_size=250):
+    """Penultimate features (float64) and class probabilities of uint8 or [-1, 1] images."""
+    features, probs = [], []
+    device = next(classifier.parameters()).device
+    for batch in images.split(batch_size):  # small batches: the conv activations stay in cache
+        batch = batch.to(device)
+        x = to_unit_range(batch) if batch.dtype == torch.uint8 else batch
+        f = classifier.features(x)
+        features.append(f.double())
+        probs.append(classifier.head(f).softmax(1).double())
+    return torch.cat(features), torch.cat(probs)
+
+
+def frechet_distance(features_a, features_b):
+    """FID: fit a Gaussian to each set of features, then
+    ||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2))."""
+    mu_a, mu_b = features_a.mean(0), features_b.mean(0)
+    cov_a, cov_b = torch.atleast_2d(torch.cov(features_a.T)), torch.atleast_2d(torch.cov(features_b.T))
+    root_a = matrix_sqrt(cov_a)
+    # Tr((C_a C_b)^(1/2)) = Tr((C_a^(1/2) C_b C_a^(1/2))^(1/2)), a symmetric matrix: eigvalsh is safe.
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def matrix_sqrt(matrix):
+    values, vectors = torch.linalg.eigh(matrix)
+    return vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def inception_score(probs):
+    """exp(E_x KL(p(y|x) || p(y))): high when each sample is clearly one class and all classes appear."""
+    marginal = probs.mean(0, keepdim=True)
+    kl = (probs * (probs.clamp(min=1e-12).log() - marginal.clamp(min=1e-12).log())).sum(1)
+    return kl.mean().exp().item()
+
+
+def class_shares(probs):
+    return (torch.bincount(probs.argmax(1), minlength=10).double() / len(probs)).tolist()
+
+
+class QualityJudge:
+    """Loaded once per run: the classifier, the test set's features and real data's reference scores."""
+
+    def __init__(self, dataset, data_dir, run_dir, device, samples=EVAL_SAMPLES):
+        self.samples = samples
+        if dataset == "fake":
+            raise GanError("no quality report exists for random data (--dataset fake): drop --eval", code=2)
+        self.classifier = load_classifier(dataset, data_dir, run_dir, device)
+        self.test_features, _ = predict(self.classifier, load_dataset(dataset, data_dir, train=False)[0][:10_000])
+        train_subset = load_dataset(dataset, data_dir, train=True)[0][:10_000]
+        features, probs = predict(self.classifier, train_subset)
+        self.reference = {"FID_real": frechet_distance(features, self.test_features),
+                          "IS_real": inception_score(probs)}
+
+    def __call__(self, G, latent_dim, epoch, step):
+        z = torch.randn(self.samples, latent_dim, generator=torch.Generator().manual_seed(0))
+        samples = torch.cat([sample(G, chunk.to(next(G.parameters()).device)) for chunk in z.split(1000)])
+        features, probs = predict(self.classifier, samples)
+        shares = class_shares(probs)
+        row = {"epoch": epoch, "step": step, "FID": frechet_distance(features, self.test_features),
+               "IS": inception_score(probs), **self.reference, "min_share": min(shares),
+               **{f"share_{k}": share for k, share in enumerate(shares)}}
+        where = "" if step is None else f" at step {step}"
+        print(f"quality{where}: FID {row['FID']:.2f} (real data {row['FID_real']:.2f})  "
+              f"IS {row['IS']:.2f} (real data {row['IS_real']:.2f})  "
+              f"rarest class {shares.index(min(shares))} at {min(shares):.1%} of samples", flush=True)
+        rare = [str(k) for k, share in enumerate(shares) if share < 0.05]
+        if rare:
+            many = len(rare) > 1
+            print(f"warning: class{'es' * many} {', '.join(rare)} under 5% of samples: the generator is "
+                  f"dropping {'them' if many else 'it'} (mode collapse)", flush=True)
+        return row
+
+
+QUALITY_FIELDS = ["epoch", "step", "FID", "IS", "FID_real", "IS_real", "min_share",
+                  *[f"share_{k}" for k in range(10)]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -770,23 +941,28 @@ def run(argv):
     args, typed = parse_args(argv)
     if args.generate is not None:
         return generate(args)
-    state = None
+    state, run_dir = None, None
     if args.resume:
         args, run_dir, state = resolve_resume(args, typed)
         print(f"resuming {run_dir} at step {state['step']} (epoch {state['epoch']} done)")
-    else:
+    device = pick_device(args.device)
+    if not args.resume:
         run_dir = new_run_dir(args.out_dir)
         args.out_dir = str(run_dir)
     args.data_dir = str(Path(args.data_dir).resolve())  # absolute: a resumed run may start elsewhere
-    device = pick_device(args.device)
     if args.amp is None:
         args.amp = amp_by_default(device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for the float32 products
-    code, state = train(args, run_dir, device, state)
+    try:
+        code, state = train(args, run_dir, device, state)
+    except GanError:
+        if not any(run_dir.iterdir()):  # refused before anything was written: leave no empty folder
+            run_dir.rmdir()
+        raise
     # Drawn once the loop has returned and the dataset is freed: matplotlib's ~35 MB then never adds
     # to the training's peak memory.
-    plot_losses(state["metrics"], run_dir / "losses.png")
+    plot_losses(state["metrics"], state["quality"], run_dir / "losses.png")
     if code:
         resume = shlex.join([sys.executable, str(Path(__file__).resolve()), "--resume", str(run_dir)])
         print(f"stopped at step {state['step']}; checkpoint saved. To resume:\n  {resume}")
