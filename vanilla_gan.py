@@ -280,7 +280,7 @@ def unpack_gz(raw):
 def download(cls, root, raw):
     """Let torchvision fetch the files; offline, say exactly what to put where."""
     print(f"{cls.__name__} not found in {raw}: downloading it")
-    chatter = io.StringIO()  # torchvision prints a line per mirror tried; keep it for the error
+    chatter = io.StringIO()  # torchvision prints a line per mirror it tries: keep the error to one line
     try:
         with redirect_stdout(chatter):
             cls(root=str(root), train=True, download=True)
@@ -468,15 +468,16 @@ def train(args, run_dir, device, state):
             # One sync per epoch: check, then save. A NaN stops here, before the last good checkpoint
             # could be overwritten.
             check_finite({"Loss_D": means[0], "Loss_G": means[1]}, G, D)
+            seconds = time.perf_counter() - epoch_start
             epoch = state["epoch"] + 1
             if state["batch"] == steps_per_epoch:
                 state["epoch"], state["batch"] = epoch, 0
+            print_epoch(epoch, args.epochs, means, seconds, steps, state, clock)
             save_grid(G, state["fixed_noise"], run_dir / "samples" / f"epoch_{epoch:03d}.png")
             if judge and evaluation_due(args, state, last_step):
                 state["quality"].append(judge(G, args.latent_dim, epoch, state["step"]))
                 write_rows(run_dir / "quality.csv", QUALITY_FIELDS, state["quality"])
             save_checkpoint(run_dir, args, state, G, D, opt_G, opt_D)
-            print_epoch(epoch, args.epochs, means, time.perf_counter() - epoch_start, steps, state, clock)
     if stop.signal is not None:
         return 128 + stop.signal, state  # 130 for SIGINT, 143 for SIGTERM: the shell's convention
     if args.dataset == "fake":
