@@ -451,7 +451,6 @@ def train(args, run_dir, device, state):
     # Compile wrappers for the steps; G and D themselves are saved, so state_dict keys stay plain.
     G_step, D_step = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
     write_rows(run_dir / "metrics.csv", METRIC_FIELDS, state["metrics"])  # resumed: what the checkpoint knew
-    judge = QualityJudge(args.dataset, args.data_dir, run_dir, device) if args.eval or args.eval_every else None
 
     steps_per_epoch = images.size(0) // args.batch_size  # full batches only: every step has one shape
     last_step = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
@@ -459,6 +458,7 @@ def train(args, run_dir, device, state):
         print(f"nothing to do: the run already has {state['step']} steps ({state['epoch']} epochs); "
               "pass a larger --epochs or --max-steps to train on")
         return 0, state
+    judge = QualityJudge(args.dataset, args.data_dir, run_dir, device) if args.eval or args.eval_every else None
     clock = {"start": time.perf_counter(), "start_step": state["step"], "last_step": last_step}
     with StopRequest() as stop:
         while state["step"] < last_step and stop.signal is None:
