@@ -19,6 +19,7 @@ import gzip
 import io
 import math
 import os
+import pickle
 import shlex
 import shutil
 import signal
@@ -672,9 +673,12 @@ def load_file(path, device):
         raise GanError(f"no checkpoint at {path}")
     try:
         data = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError on truncation, EOFError, ...
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GanError(f"{path} is not a readable vanilla_gan checkpoint ({first_line[:120]})") from e
+    except pickle.UnpicklingError as e:  # weights_only met an object it will not build
+        raise GanError(f"{path} is not a readable vanilla_gan checkpoint: it holds more than tensors and "
+                       "plain data, and loading it could run code, so it was refused unread") from e
+    except Exception as e:  # OSError, EOFError, KeyError, RuntimeError: truncated or not a torch file
+        raise GanError(f"{path} is not a readable vanilla_gan checkpoint (truncated, or not a PyTorch "
+                       f"file: {type(e).__name__})") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise GanError(f"{path} is not a vanilla_gan checkpoint")
     if data.get("version") != FORMAT_VERSION:
@@ -810,10 +814,10 @@ def train_classifier(images, labels, device, epochs=3, batch_size=128):
     steps = epochs * math.ceil(len(images) / batch_size)
     # one-cycle: warm up to 3e-3, then anneal; reaches 99% in a few epochs where a fixed rate needs more
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
-    images, labels = images.to(device), labels.to(device)
+    images, labels, amp = images.to(device), labels.to(device), amp_by_default(device)
     for _ in range(epochs):
         for index in torch.randperm(len(images), device=device).split(batch_size):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_by_default(device)):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(to_unit_range(images[index])).float()
             loss = nn.functional.cross_entropy(logits, labels[index])
             optimizer.zero_grad(set_to_none=True)
@@ -903,7 +907,9 @@ class QualityJudge:
         self.samples = samples
         if dataset == "fake":
             raise GanError("no quality report exists for random data (--dataset fake): drop --eval", code=2)
-        self.classifier = load_classifier(dataset, data_dir, run_dir, device)
+        with torch.random.fork_rng():  # training the classifier must not shift the GAN's random numbers
+            torch.manual_seed(0)
+            self.classifier = load_classifier(dataset, data_dir, run_dir, device)
         self.test_features, _ = predict(self.classifier, load_dataset(dataset, data_dir, train=False)[0][:10_000])
         train_subset = load_dataset(dataset, data_dir, train=True)[0][:10_000]
         features, probs = predict(self.classifier, train_subset)
