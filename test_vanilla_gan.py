@@ -465,6 +465,18 @@ def test_out_dir_that_cannot_be_created(capsys, tmp_path):
     assert "training images" not in out  # refused before any data was touched
 
 
+def test_an_unforeseen_error_is_one_line_too(capsys, monkeypatch, tmp_path):
+    def broken(*args):
+        raise RuntimeError("something nobody planned for")
+
+    monkeypatch.setattr(vg, "train", broken)
+    code, _, err = run_main(capsys, "--out-dir", tmp_path / "run")
+    assert_refused(code, err, 1, "RuntimeError: something nobody planned for", "--debug")
+    assert not (tmp_path / "run").exists()  # the empty run folder was taken away again
+    with pytest.raises(RuntimeError):
+        vg.main(["--out-dir", str(tmp_path / "run"), "--debug"])
+
+
 def test_debug_shows_the_traceback(capsys):
     with pytest.raises(vg.GanError):
         vg.main(["--epochs", "0", "--debug"])

@@ -948,12 +948,12 @@ def run(argv):
     args, typed = parse_args(argv)
     if args.generate is not None:
         return generate(args)
-    state, run_dir = None, None
+    state = None
     if args.resume:
         args, run_dir, state = resolve_resume(args, typed)
         print(f"resuming {run_dir} at step {state['step']} (epoch {state['epoch']} done)")
-    device = pick_device(args.device)
-    if not args.resume:
+    device = pick_device(args.device)  # before a new run folder exists: a refusal leaves nothing behind
+    if state is None:
         run_dir = new_run_dir(args.out_dir)
         args.out_dir = str(run_dir)
     args.data_dir = str(Path(args.data_dir).resolve())  # absolute: a resumed run may start elsewhere
@@ -963,8 +963,8 @@ def run(argv):
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for the float32 products
     try:
         code, state = train(args, run_dir, device, state)
-    except GanError:
-        if not any(run_dir.iterdir()):  # refused before anything was written: leave no empty folder
+    except BaseException:
+        if not any(run_dir.iterdir()):  # stopped before anything was written: leave no empty folder
             run_dir.rmdir()
         raise
     # Drawn once the loop has returned and the dataset is freed: matplotlib's ~35 MB then never adds
@@ -990,6 +990,12 @@ def main(argv=None):
     except KeyboardInterrupt:  # the second Ctrl-C: stop now, the last checkpoint stays as it was
         print("aborted; the last saved checkpoint is intact", file=sys.stderr)
         return 130
+    except Exception as e:  # nothing we foresaw: still one line, the traceback on request
+        if "--debug" in argv:
+            raise
+        print(f"vanilla_gan.py: error: {type(e).__name__}: {e} (run again with --debug to see where)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
