@@ -558,7 +558,8 @@ def test_cuda_training_and_cpu_generation(tmp_path):
     proc = cli("--dataset", "fake", "--device", "cuda", "--out-dir", run, "--max-steps", 20, "--log-every", 10)
     assert proc.returncode == 0, proc.stderr
     assert "device check passed: trained on cuda" in proc.stdout and "CUDA " in proc.stdout
-    proc = cli("--generate", 8, "--checkpoint", run / "checkpoint.pt", "--device", "cpu", "--out", tmp_path / "x.pt")
+    proc = cli("--generate", 8, "--checkpoint", run / "checkpoint.pt", "--device", "cpu",
+               "--out", tmp_path / "x.pt")
     assert proc.returncode == 0, proc.stderr
 
 
@@ -648,13 +649,14 @@ def test_classifier_is_cached_reused_and_retrained_when_damaged(tmp_path, capsys
     root, run = write_labelled_dataset(tmp_path / "data", n_train=500, n_test=100), tmp_path / "run"
     run.mkdir()
     cpu = torch.device("cpu")
-    vg.load_classifier("mnist", root, run, cpu)
+    splits = vg.load_dataset("mnist", root, train=True), vg.load_dataset("mnist", root, train=False)
+    vg.load_classifier("mnist", root, run, cpu, *splits)
     cache = root / "MNIST" / "classifier.pt"
     assert "trained a mnist classifier" in capsys.readouterr().out and cache.is_file()
-    vg.load_classifier("mnist", root, run, cpu)
+    vg.load_classifier("mnist", root, run, cpu, *splits)
     assert "trained" not in capsys.readouterr().out
     cache.write_bytes(b"garbage")
-    vg.load_classifier("mnist", root, run, cpu)
+    vg.load_classifier("mnist", root, run, cpu, *splits)
     assert "stale or damaged" in capsys.readouterr().out
     cache.unlink()
     real_save = vg.save_atomically
@@ -665,7 +667,7 @@ def test_classifier_is_cached_reused_and_retrained_when_damaged(tmp_path, capsys
         real_save(obj, path)
 
     monkeypatch.setattr(vg, "save_atomically", read_only_data)
-    vg.load_classifier("mnist", root, run, cpu)
+    vg.load_classifier("mnist", root, run, cpu, *splits)
     assert (run / "classifier.pt").is_file() and not cache.exists()
 
 

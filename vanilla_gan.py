@@ -553,7 +553,7 @@ def print_banner(args, device, run_dir, n_images, G, D):
     print(f"device {device}{name}  torch {torch.__version__}  amp {args.amp}  compile {args.compile}")
     if device.type == "cuda":
         print(f"CUDA {torch.version.cuda}  cuDNN {torch.backends.cudnn.version()}")
-    where = "random images" if args.dataset == "fake" else Path(args.data_dir).resolve()
+    where = "random images" if args.dataset == "fake" else args.data_dir
     print(f"dataset {args.dataset}: {n_images} training images ({where})")
     print(f"Generator {count_parameters(G):,} parameters, Discriminator {count_parameters(D):,} parameters")
     print(f"seed {args.seed}  batch {args.batch_size}  lr {args.lr}  betas ({args.beta1}, {args.beta2})")
@@ -645,9 +645,12 @@ def save_atomically(obj, path):
         raise GanError(f"could not save {path}: {reason}; the previous {path.name} is intact") from e
 
 
+def file_header(kind):
+    return {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind}
+
+
 def header(kind, args):
-    return {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "model_args": model_args_from(args),
-            "dataset": args.dataset}
+    return {**file_header(kind), "model_args": model_args_from(args), "dataset": args.dataset}
 
 
 def save_checkpoint(run_dir, args, state, G, D, opt_G, opt_D):
@@ -778,7 +781,7 @@ def generate(args):
     print(f"wrote {args.generate} images to {out.resolve()}")
     if args.eval:
         dataset = data.get("dataset", "mnist")
-        QualityJudge(dataset, Path(args.data_dir).resolve(), path.parent, device)(
+        QualityJudge(dataset, args.data_dir, path.parent, device)(
             G, data["model_args"]["latent_dim"], None, None)
     return 0
 
@@ -827,8 +830,8 @@ def train_classifier(images, labels, device, epochs=3, batch_size=128):
     return model.eval()
 
 
-def load_classifier(dataset, data_dir, run_dir, device):
-    """The cached classifier for this dataset, or a new one trained now and cached for next time."""
+def load_classifier(dataset, data_dir, run_dir, device, train_set, test_set):
+    """The cached classifier for this dataset, or one trained now on train_set and cached."""
     folders = [Path(data_dir) / DATASETS[dataset], run_dir]  # beside the data if we may write there
     for path in (folder / "classifier.pt" for folder in folders):
         if not path.is_file():
@@ -844,12 +847,12 @@ def load_classifier(dataset, data_dir, run_dir, device):
             pass
         print(f"classifier {path} is stale or damaged: training a new one")
     start = time.perf_counter()
-    model = train_classifier(*load_dataset(dataset, data_dir, train=True), device)
-    test_images, test_labels = load_dataset(dataset, data_dir, train=False)
+    model = train_classifier(*train_set, device)
+    test_images, test_labels = test_set
     accuracy = (predict(model, test_images)[1].argmax(1).cpu() == test_labels).double().mean().item()
     print(f"trained a {dataset} classifier in {time.perf_counter() - start:.0f}s: {accuracy:.2%} test accuracy")
-    saved = {"format": FORMAT, "version": FORMAT_VERSION, "kind": "classifier", "dataset": dataset,
-             "classifier_version": CLASSIFIER_VERSION, "accuracy": accuracy, "classifier": model.state_dict()}
+    saved = {**file_header("classifier"), "dataset": dataset, "classifier_version": CLASSIFIER_VERSION,
+             "accuracy": accuracy, "classifier": model.state_dict()}
     for folder in folders:
         try:
             save_atomically(saved, folder / "classifier.pt")
@@ -907,12 +910,13 @@ class QualityJudge:
         self.samples = samples
         if dataset == "fake":
             raise GanError("no quality report exists for random data (--dataset fake): drop --eval", code=2)
+        train_set = load_dataset(dataset, data_dir, train=True)
+        test_set = load_dataset(dataset, data_dir, train=False)
         with torch.random.fork_rng():  # training the classifier must not shift the GAN's random numbers
             torch.manual_seed(0)
-            self.classifier = load_classifier(dataset, data_dir, run_dir, device)
-        self.test_features, _ = predict(self.classifier, load_dataset(dataset, data_dir, train=False)[0][:10_000])
-        train_subset = load_dataset(dataset, data_dir, train=True)[0][:10_000]
-        features, probs = predict(self.classifier, train_subset)
+            self.classifier = load_classifier(dataset, data_dir, run_dir, device, train_set, test_set)
+        self.test_features, _ = predict(self.classifier, test_set[0][:10_000])
+        features, probs = predict(self.classifier, train_set[0][:10_000])
         self.reference = {"FID_real": frechet_distance(features, self.test_features),
                           "IS_real": inception_score(probs)}
 
