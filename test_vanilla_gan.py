@@ -86,6 +86,12 @@ def losses(run_dir):
     return [(r["step"], r["Loss_D"], r["Loss_G"], r["D(x)"], r["D(G(z))"]) for r in read_metrics(run_dir)]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The quality report's classifier cache, here and in every subprocess: never the user's own."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("data"))
@@ -139,8 +145,7 @@ def test_train_step_updates_every_parameter():
     torch.manual_seed(0)
     G, D = vg.Generator(), vg.Discriminator()
     before = [p.clone() for p in [*G.parameters(), *D.parameters()]]
-    args = vg.parse_args([])[0]
-    opt_G, opt_D = vg.make_optimizer(G, args, torch.device("cpu")), vg.make_optimizer(D, args, torch.device("cpu"))
+    opt_G, opt_D = vg.make_optimizer(G), vg.make_optimizer(D)
     stats = vg.train_step(G, D, opt_G, opt_D, torch.rand(32, 1, 28, 28) * 2 - 1, torch.randn(32, 100), False)
     assert stats.shape == (4,) and torch.isfinite(stats).all()
     for old, new in zip(before, [*G.parameters(), *D.parameters()]):
@@ -150,8 +155,7 @@ def test_train_step_updates_every_parameter():
 def test_one_discriminator_pass_per_update_and_no_d_weight_grads_in_g_step():
     torch.manual_seed(0)
     G, D = vg.Generator(), vg.Discriminator()
-    args = vg.parse_args([])[0]
-    opt_G, opt_D = vg.make_optimizer(G, args, torch.device("cpu")), vg.make_optimizer(D, args, torch.device("cpu"))
+    opt_G, opt_D = vg.make_optimizer(G), vg.make_optimizer(D)
     batch_sizes, d_grads_at_step = [], []
     D.register_forward_hook(lambda module, inputs, output: batch_sizes.append(inputs[0].shape[0]))
     d_step = opt_D.step
@@ -170,8 +174,7 @@ def test_generator_learns_a_single_pattern():
     pattern = torch.full((28, 28), -1.0)
     pattern[6:22, 12:16] = 1.0
     G, D = vg.Generator(), vg.Discriminator()
-    args = vg.parse_args([])[0]
-    opt_G, opt_D = vg.make_optimizer(G, args, torch.device("cpu")), vg.make_optimizer(D, args, torch.device("cpu"))
+    opt_G, opt_D = vg.make_optimizer(G), vg.make_optimizer(D)
     z_eval = torch.randn(256, 100)
 
     def distance():
@@ -215,9 +218,9 @@ def test_real_mnist_range_and_a_few_hundred_steps(tmp_path):
 def test_smoke_training_run_writes_every_output(smoke_runs):
     proc, out = smoke_runs[0]
     assert proc.returncode == 0, proc.stderr
-    for name in ("samples/epoch_001.png", "samples/epoch_002.png", "losses.png", "metrics.csv",
-                 "generator.pt", "checkpoint.pt"):
+    for name in ("samples/epoch_001.png", "losses.png", "metrics.csv", "generator.pt", "checkpoint.pt"):
         assert (out / name).stat().st_size > 0, name
+    assert not (out / "samples" / "epoch_002.png").exists()  # epoch 2 stopped part-way: no grid named for it
     rows = read_metrics(out)
     assert [int(r["step"]) for r in rows] == [3, 6, 9, 12]
     assert all(torch.isfinite(torch.tensor([float(r[k]) for k in ("Loss_D", "Loss_G")])).all() for r in rows)
@@ -266,10 +269,11 @@ def test_generate_tensor_nrow_seed_and_checkpoint_file(smoke_runs, tmp_path, cap
 def test_checkpoint_holds_everything_to_continue(smoke_runs):
     _, out = smoke_runs[0]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    for key in ("generator", "discriminator", "opt_G", "opt_D", "epoch", "step", "model_args", "fixed_noise",
-                "rng", "metrics", "perm"):
+    for key in ("generator", "discriminator", "opt_G", "opt_D", "epoch", "step", "generator_args", "fixed_noise",
+                "rng", "metrics", "order", "args"):
         assert key in ckpt, key
-    assert ckpt["step"] == 12 and ckpt["model_args"]["g_hidden"] == [256, 512]
+    assert ckpt["step"] == 12 and ckpt["generator_args"]["hidden"] == [256, 512]
+    assert "max_steps" not in ckpt["args"]  # it limits one invocation, not the run
     assert not (out / "checkpoint.pt.tmp").exists()
 
 
@@ -412,7 +416,7 @@ def test_non_positive_or_non_numeric_values(capsys, flag, value):
 
 
 @pytest.mark.parametrize("args, code, words", [
-    (["--device", "tpu"], 2, ["unknown device 'tpu'"]),
+    (["--device", "tpu"], 2, ["--device", "'tpu'", "cuda:N"]),
     (["--generate", "4"], 2, ["--checkpoint"]),
     (["--generate", "4", "--checkpoint", "x.pt", "--epochs", "3"], 2, ["--epochs", "does not apply"]),
     (["--nrow", "4"], 2, ["--nrow", "--generate"]),
@@ -493,38 +497,44 @@ def test_speed_options_train(capsys, data_root, tmp_path, flags):
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 3
 
 
-CONFIGS = {  # the README's classic configurations, as flags
-    "minimal": ["--g-hidden", 128, "--g-activation", "relu", "--d-hidden", 128, "--batch-size", 64],
-    "default": [],
-    "deep": ["--g-hidden", 256, 512, 1024, "--g-activation", "relu", "--d-hidden", 1024, 512, 256],
-    "batchnorm": ["--g-hidden", 128, 256, 512, 1024, "--g-activation", "relu", "--g-batchnorm",
-                  "--d-hidden", 1024, 512, 256, "--latent-dim", 64, "--lr", 1e-5],
-}
-
-
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_classic_configuration_trains_and_generates_without_flags(capsys, data_root, tmp_path, name):
+@pytest.mark.parametrize("name", list(vg.CONFIGS))
+def test_each_config_trains_and_generates_without_flags(capsys, data_root, tmp_path, name):
     run = tmp_path / "run"
-    code, out, err = run_main(capsys, "--data-dir", data_root, "--out-dir", run, "--max-steps", 3,
-                              "--device", "cpu", *CONFIGS[name])
+    code, out, err = run_main(capsys, "--config", name, "--data-dir", data_root, "--out-dir", run, "--max-steps", 3,
+                              "--device", "cpu")
     assert code == 0, err
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-    G = vg.build_generator(ckpt["model_args"])
+    for flag, value in vg.CONFIGS[name].items():
+        assert ckpt["args"][flag] == value, flag
+    G = vg.Generator(**ckpt["generator_args"])
     G.load_state_dict(ckpt["generator"])
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in G.modules()) == (name == "batchnorm")
     # one image: a BatchNorm generator in training mode could not even normalise a batch of one
-    code, _, err = run_main(capsys, "--generate", 1, "--checkpoint", run / "generator.pt",
-                            "--out", tmp_path / "one.pt")
+    code, _, err = run_main(capsys, "--generate", 1, "--checkpoint", run, "--out", tmp_path / "one.pt")
     assert code == 0, err
     assert torch.load(tmp_path / "one.pt", weights_only=True).shape == (1, 1, 28, 28)
+
+
+def test_a_typed_flag_overrides_the_config_and_resume_keeps_it(capsys, data_root, tmp_path):
+    run = tmp_path / "run"
+    train_in_process(capsys, data_root, run, "--config", "deep", "--d-hidden", 64, "--epochs", 1)
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)["args"]
+    assert saved["d_hidden"] == [64] and saved["g_hidden"] == [256, 512, 1024] and saved["g_activation"] == "relu"
+    code, out, err = run_main(capsys, "--resume", run, "--epochs", 2)  # no flags: the run's own come back
+    assert code == 0, err
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 16
+
+
+def test_an_unknown_config_is_refused(capsys):
+    code, _, err = run_main(capsys, "--config", "huge")
+    assert_refused(code, err, 2, "--config", "'huge'", "minimal")
 
 
 def test_betas_and_sample_every(capsys, data_root, tmp_path):
     run = tmp_path / "run"
     train_in_process(capsys, data_root, run, "--max-steps", 4, "--sample-every", 2, "--beta1", 0.3,
                      "--beta2", 0.95)
-    assert {p.name for p in (run / "samples").iterdir()} == {"step_0000002.png", "step_0000004.png",
-                                                             "epoch_001.png"}
+    assert {p.name for p in (run / "samples").iterdir()} == {"step_0000002.png", "step_0000004.png"}
     group = torch.load(run / "checkpoint.pt", weights_only=True)["opt_G"]["param_groups"][0]
     assert tuple(group["betas"]) == (0.3, 0.95)
 
@@ -548,7 +558,7 @@ def test_fashion_mnist_from_debian_files(capsys, tmp_path):
 
 def test_fake_dataset_is_a_device_check(capsys, tmp_path):
     out = train_in_process(capsys, tmp_path / "nowhere", tmp_path / "run", "--dataset", "fake", "--max-steps", 3)
-    assert "device check passed: trained on cpu" in out
+    assert "dataset fake: 60000 training images (random)" in out
     assert not (tmp_path / "nowhere").exists()
 
 
@@ -595,7 +605,7 @@ class FixedImages(torch.nn.Module):
 
     def __init__(self, images):
         super().__init__()
-        self.images, self.next = images, 0
+        self.images, self.next, self.latent_dim = images, 0, 100
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # so the judge can ask for its device
 
     def forward(self, z):
@@ -611,8 +621,7 @@ def labelled_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def judge(labelled_root, tmp_path_factory):
-    return vg.QualityJudge("mnist", labelled_root, tmp_path_factory.mktemp("judge"), torch.device("cpu"),
-                           samples=2000)
+    return vg.QualityJudge("mnist", labelled_root, torch.device("cpu"), samples=2000)
 
 
 def test_frechet_distance_of_a_gaussian_with_itself_is_zero_and_it_is_symmetric():
@@ -631,12 +640,12 @@ def test_frechet_distance_of_a_gaussian_with_itself_is_zero_and_it_is_symmetric(
 def test_real_digits_beat_noise_and_a_collapsed_generator_is_caught(judge, labelled_root, capsys):
     images, labels = vg.load_dataset("mnist", labelled_root, train=True)
     held_out = vg.to_unit_range(images[1000:])  # the judge's reference used the first 10,000 (all 2000)
-    real = judge(FixedImages(held_out), 100, 1, 1)
+    real = judge(FixedImages(held_out), 1, 1)
     assert "warning" not in capsys.readouterr().out
-    noise = judge(FixedImages(torch.rand(500, 1, 28, 28) * 2 - 1), 100, 1, 2)
+    noise = judge(FixedImages(torch.rand(500, 1, 28, 28) * 2 - 1), 1, 2)
     threes = held_out[labels[1000:] == 3][:1]
     capsys.readouterr()
-    collapsed = judge(FixedImages(threes), 100, 1, 3)
+    collapsed = judge(FixedImages(threes), 1, 3)
     assert "warning: classes 0, 1, 2, 4, 5, 6, 7, 8, 9 under 5% of samples" in capsys.readouterr().out
     assert real["FID"] * 10 < noise["FID"]
     assert collapsed["FID"] > real["FID"]
@@ -646,29 +655,22 @@ def test_real_digits_beat_noise_and_a_collapsed_generator_is_caught(judge, label
 
 
 def test_classifier_is_cached_reused_and_retrained_when_damaged(tmp_path, capsys, monkeypatch):
-    root, run = write_labelled_dataset(tmp_path / "data", n_train=500, n_test=100), tmp_path / "run"
-    run.mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = write_labelled_dataset(tmp_path / "data", n_train=500, n_test=100)
     cpu = torch.device("cpu")
     splits = vg.load_dataset("mnist", root, train=True), vg.load_dataset("mnist", root, train=False)
-    vg.load_classifier("mnist", root, run, cpu, *splits)
-    cache = root / "MNIST" / "classifier.pt"
-    assert "trained a mnist classifier" in capsys.readouterr().out and cache.is_file()
-    vg.load_classifier("mnist", root, run, cpu, *splits)
-    assert "trained" not in capsys.readouterr().out
+    vg.load_classifier("mnist", *splits, cpu)
+    assert "training a classifier" in capsys.readouterr().out
+    [cache] = (tmp_path / "cache" / "vanilla-gan").glob("classifier-*-mnist-*.pt")
+    vg.load_classifier("mnist", *splits, cpu)
+    assert "training" not in capsys.readouterr().out
     cache.write_bytes(b"garbage")
-    vg.load_classifier("mnist", root, run, cpu, *splits)
-    assert "stale or damaged" in capsys.readouterr().out
-    cache.unlink()
-    real_save = vg.save_atomically
-
-    def read_only_data(obj, path):
-        if root in path.parents:
-            raise vg.GanError("read-only")
-        real_save(obj, path)
-
-    monkeypatch.setattr(vg, "save_atomically", read_only_data)
-    vg.load_classifier("mnist", root, run, cpu, *splits)
-    assert (run / "classifier.pt").is_file() and not cache.exists()
+    vg.load_classifier("mnist", *splits, cpu)
+    assert "training a classifier" in capsys.readouterr().out
+    assert vg.load_file(cache, cpu)[1]["kind"] == "classifier"  # the damaged cache was replaced
+    other = write_labelled_dataset(tmp_path / "other", n_train=500, n_test=90)  # other data, other cache
+    vg.load_classifier("mnist", vg.load_dataset("mnist", other), vg.load_dataset("mnist", other, train=False), cpu)
+    assert "training a classifier" in capsys.readouterr().out
 
 
 def test_eval_during_training_writes_quality_csv_and_a_plot_panel(tmp_path, capsys):
