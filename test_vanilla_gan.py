@@ -289,7 +289,8 @@ def test_resume_is_exact(data_root, tmp_path, capsys):
     for net in ("generator", "discriminator"):
         assert all(torch.equal(a[net][k], b[net][k]) for k in a[net])
     assert losses(straight) == losses(split) and len(losses(split)) == 16
-    assert sorted(p.name for p in (split / "samples").iterdir()) == ["epoch_001.png", "epoch_002.png"]
+    assert all(torch.equal(a["generator_avg"][k], b["generator_avg"][k]) for k in a["generator_avg"])
+    assert sorted(p.name for p in (split / "samples").iterdir()) == ["epoch_001.png", "epoch_002.png", "progress.gif"]
 
 
 def test_resume_refuses_model_changes_and_honours_training_flags(data_root, tmp_path, capsys):
@@ -679,7 +680,8 @@ def test_eval_during_training_writes_quality_csv_and_a_plot_panel(tmp_path, caps
     import csv
     with open(run / "quality.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == [1, 2] and out.count("quality at step") == 2
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and out.count("quality of the averaged G at step") == 2
+    assert out.count("quality of the last G, not averaged at step 16") == 1  # once, at the end
     assert all(float(r["FID"]) > 0 and 1 <= float(r["IS"]) <= 10 for r in rows)
     assert len(torch.load(run / "checkpoint.pt", weights_only=True)["quality"]) == 2
     from PIL import Image
@@ -693,3 +695,65 @@ def test_eval_during_training_writes_quality_csv_and_a_plot_panel(tmp_path, caps
 def test_no_quality_report_for_random_data(capsys):
     code, _, err = run_main(capsys, "--dataset", "fake", "--eval")
     assert_refused(code, err, 2, "no quality report exists for random data")
+
+
+# ---------------------------------------------------------------------------------------------
+# The averaged generator, dropout in D, and training you can watch.
+# ---------------------------------------------------------------------------------------------
+
+def test_the_averaged_generator_is_the_ema_of_g():
+    torch.manual_seed(0)
+    G, D = vg.Generator(batchnorm=True), vg.Discriminator()
+    opt_G, opt_D = vg.make_optimizer(G), vg.make_optimizer(D)
+    ema = vg.EMA(G, decay=0.9)
+    expected = {k: v.clone() for k, v in G.state_dict().items()}
+    pixels = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
+    for _ in vg.train_epoch(G, D, opt_G, opt_D, pixels, 16, ema=ema):  # 4 steps
+        for name, value in G.named_parameters():
+            expected[name] = 0.9 * expected[name] + 0.1 * value.detach()
+    averaged = ema.G.state_dict()
+    for name, value in G.state_dict().items():
+        if "running" in name or "num_batches" in name:  # BatchNorm's statistics: copied
+            assert torch.equal(averaged[name], value), name
+        else:
+            assert torch.allclose(averaged[name], expected[name], atol=1e-6), name
+            assert not torch.equal(averaged[name], value), name
+    assert not any(p.requires_grad for p in ema.G.parameters())
+
+
+@pytest.mark.parametrize("decay", [0, 0.999])
+def test_generator_pt_holds_the_averaged_g_unless_ema_decay_is_0(capsys, data_root, tmp_path, decay):
+    run = tmp_path / "run"
+    train_in_process(capsys, data_root, run, "--max-steps", 5, "--ema-decay", decay)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    sampled = torch.load(run / "generator.pt", weights_only=True)["generator"]
+    source = ckpt["generator_avg"] if decay else ckpt["generator"]
+    assert (ckpt["generator_avg"] is None) == (decay == 0)
+    assert all(torch.equal(sampled[k], source[k]) for k in sampled)
+    if decay:
+        assert not all(torch.equal(sampled[k], ckpt["generator"][k]) for k in sampled)
+
+
+def test_dropout_in_d_is_active_in_both_updates():
+    torch.manual_seed(0)
+    G, D = vg.Generator(), vg.Discriminator(dropout=0.3)
+    dropped = []
+    first_dropout = next(m for m in D.modules() if isinstance(m, torch.nn.Dropout))
+    first_dropout.register_forward_hook(lambda m, inputs, out: dropped.append(
+        ((out == 0) & (inputs[0] != 0)).float().mean().item()))
+    vg.train_step(G, D, vg.make_optimizer(G), vg.make_optimizer(D), torch.rand(64, 1, 28, 28) * 2 - 1,
+                  torch.randn(64, 100))
+    assert len(dropped) == 2  # the D update's pass and the G update's pass
+    assert all(0.2 < share < 0.4 for share in dropped), dropped
+    assert not any(isinstance(m, torch.nn.Dropout) for m in vg.Discriminator(dropout=0).modules())
+
+
+def test_progress_gif_has_one_frame_per_epoch_across_a_resume(capsys, data_root, tmp_path):
+    from PIL import Image
+    run = tmp_path / "run"
+    train_in_process(capsys, data_root, run, "--epochs", 2, "--log-every", 4)
+    code, _, err = run_main(capsys, "--resume", run, "--epochs", 3)
+    assert code == 0, err
+    with Image.open(run / "samples" / "progress.gif") as gif:
+        assert gif.n_frames == 3 and gif.size == (242, 242)
+    assert not list((run / "samples").glob("*.tmp"))

@@ -13,6 +13,7 @@ nothing but torch. Below the marked line is the script around it: data, checkpoi
 quality report, the command line and main().
 """
 import argparse
+import copy
 import csv
 import datetime
 import difflib
@@ -40,14 +41,16 @@ IMAGE_SHAPE = (1, 28, 28)  # every image here is a (1, 28, 28) tensor with value
 ACTIVATIONS = {"leakyrelu": lambda: nn.LeakyReLU(0.2), "relu": nn.ReLU}
 
 
-def mlp(widths, activation, batchnorm=False):
-    """Linear layers of the given widths; each hidden one is followed by (BatchNorm and) the activation."""
+def mlp(widths, activation, batchnorm=False, dropout=0.0):
+    """Linear layers of the given widths; each hidden one followed by (BatchNorm,) the activation (, Dropout)."""
     layers = []
     for width_in, width_out in zip(widths[:-2], widths[1:-1]):
         layers.append(nn.Linear(width_in, width_out))
         if batchnorm:
             layers.append(nn.BatchNorm1d(width_out))
         layers.append(ACTIVATIONS[activation]())
+        if dropout:
+            layers.append(nn.Dropout(dropout))
     return [*layers, nn.Linear(widths[-2], widths[-1])]
 
 
@@ -67,11 +70,13 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """Images (N, 1, 28, 28) -> one logit each, log(p / (1 - p)) for p = P(real): above 0 means 'real'."""
 
-    def __init__(self, hidden=(512, 256)):
+    def __init__(self, hidden=(512, 256), dropout=0.3):
         super().__init__()
         # LeakyReLU(0.2) keeps a gradient for negative inputs, so D never goes silent on G.
-        # No Sigmoid at the end: the loss applies it, in one numerically stable op.
-        self.net = nn.Sequential(nn.Flatten(), *mlp([28 * 28, *hidden, 1], "leakyrelu"))
+        # Dropout makes D a noisier, slower critic that cannot memorise the real digits, so G keeps
+        # a useful gradient towards every digit (Goodfellow et al. trained D with it; G has none:
+        # noise in G would only blur its images). No Sigmoid at the end: the loss applies it.
+        self.net = nn.Sequential(nn.Flatten(), *mlp([28 * 28, *hidden, 1], "leakyrelu", dropout=dropout))
 
     def forward(self, images):
         return self.net(images)
@@ -121,15 +126,31 @@ def train_step(G, D, opt_G, opt_D, real, z, amp=False):
                         torch.sigmoid(fake_logits).mean()]).detach()
 
 
+class EMA:
+    """An exponential moving average of G's weights (Karras et al., 2018; Yazici et al., 2019). It takes
+    no part in the game: it is what we sample from, steadier than the last step's G in the oscillating game."""
+
+    def __init__(self, G, decay=0.999):
+        self.G, self.decay = copy.deepcopy(G).requires_grad_(False), decay
+
+    @torch.no_grad()
+    def update(self, G):
+        # w_avg <- w_avg + (1 - decay) (w - w_avg): one fused kernel over all the weights, no Python loop
+        torch._foreach_lerp_(list(self.G.parameters()), list(G.parameters()), 1 - self.decay)
+        for averaged, live in zip(self.G.buffers(), G.buffers()):  # BatchNorm's running statistics:
+            averaged.copy_(live)  # copied, not averaged
+
+
 def to_unit_range(pixels):
     """uint8 pixels (N, 28, 28) in 0..255 -> floats (N, 1, 28, 28) in [-1, 1], the range of G's Tanh."""
     return pixels.float().div_(127.5).sub_(1.0).unsqueeze(1)
 
 
-def train_epoch(G, D, opt_G, opt_D, pixels, batch_size, order=None, first_batch=0, amp=False):
+def train_epoch(G, D, opt_G, opt_D, pixels, batch_size, order=None, first_batch=0, amp=False, ema=None):
     """One pass over `pixels`, the whole training set as one uint8 tensor (N, 28, 28) on the training
-    device, in batches taken in `order` (default: a fresh random one) from `first_batch` on. It yields
-    each step's [Loss_D, Loss_G, D(x), D(G(z))]; the caller decides when to log, save or stop."""
+    device, in batches taken in `order` (default: a fresh random one) from `first_batch` on, updating
+    the EMA of G after each step if one is given. It yields each step's [Loss_D, Loss_G, D(x),
+    D(G(z))]; the caller decides when to log, save or stop."""
     if order is None:
         order = torch.randperm(len(pixels), device=pixels.device)
     # Full batches only, so every step has one shape. A batch is an index slice of a tensor already on
@@ -137,7 +158,10 @@ def train_epoch(G, D, opt_G, opt_D, pixels, batch_size, order=None, first_batch=
     for start in range(first_batch * batch_size, len(pixels) - batch_size + 1, batch_size):
         real = to_unit_range(pixels[order[start:start + batch_size]])
         z = torch.randn(batch_size, G.latent_dim, device=pixels.device)
-        yield train_step(G, D, opt_G, opt_D, real, z, amp)
+        stats = train_step(G, D, opt_G, opt_D, real, z, amp)
+        if ema is not None:
+            ema.update(G)
+        yield stats
 
 
 @torch.inference_mode()  # no autograd bookkeeping while sampling
@@ -275,6 +299,7 @@ class Run:
     D: Discriminator
     opt_G: torch.optim.Optimizer
     opt_D: torch.optim.Optimizer
+    ema: EMA  # the averaged G, or None (--ema-decay 0)
     fixed_noise: torch.Tensor  # the noise of every sample grid, so grids compare across epochs
     epoch: int = 0  # epochs completed
     batch: int = 0  # batches done in the epoch under way
@@ -284,6 +309,11 @@ class Run:
     quality: list = field(default_factory=list)  # one row per evaluation
     saved_step: int = None  # the step checkpoint.pt holds; None: nothing saved yet
 
+    @property
+    def sampler(self):
+        """The generator the grids, generator.pt and the quality report use: the averaged one if any."""
+        return self.ema.G if self.ema else self.G
+
 
 POSITION = ("epoch", "batch", "step", "order", "fixed_noise", "metrics", "quality")
 
@@ -291,9 +321,10 @@ POSITION = ("epoch", "batch", "step", "order", "fixed_noise", "metrics", "qualit
 def new_run(args, device):
     torch.manual_seed(args.seed)  # seeding, in one place: weights, grid noise, batch orders, noise
     G = Generator(**generator_args(args)).to(device)
-    D = Discriminator(args.d_hidden).to(device)
+    D = Discriminator(args.d_hidden, args.d_dropout).to(device)
     opt_G, opt_D = (make_optimizer(net, args.lr, (args.beta1, args.beta2)) for net in (G, D))
-    return Run(G, D, opt_G, opt_D, fixed_noise=torch.randn(64, args.latent_dim).to(device))
+    ema = EMA(G, args.ema_decay) if args.ema_decay else None
+    return Run(G, D, opt_G, opt_D, ema, fixed_noise=torch.randn(64, args.latent_dim).to(device))
 
 
 def generator_args(args):
@@ -306,6 +337,8 @@ def restore(args, device, checkpoint):
     run = new_run(args, device)
     run.G.load_state_dict(checkpoint["generator"])
     run.D.load_state_dict(checkpoint["discriminator"])
+    if run.ema:
+        run.ema.G.load_state_dict(checkpoint["generator_avg"])
     for optimizer, name in ((run.opt_G, "opt_G"), (run.opt_D, "opt_D")):
         optimizer.load_state_dict(checkpoint[name])
         for group in optimizer.param_groups:
@@ -335,10 +368,10 @@ def save_checkpoint(run_dir, args, run):
     flags = {name: value for name, value in vars(args).items() if name not in INVOCATION_FLAGS}
     save_atomically({**file_header("checkpoint", args), "args": flags, "rng": rng,
                      "generator": run.G.state_dict(), "discriminator": run.D.state_dict(),
-                     "opt_G": run.opt_G.state_dict(), "opt_D": run.opt_D.state_dict(),
+                     "generator_avg": run.ema.G.state_dict() if run.ema else None, "opt_G": run.opt_G.state_dict(), "opt_D": run.opt_D.state_dict(),
                      **{name: getattr(run, name) for name in POSITION}}, run_dir / "checkpoint.pt")
     run.saved_step = run.step
-    save_atomically({**file_header("generator", args), "generator": run.G.state_dict()}, run_dir / "generator.pt")
+    save_atomically({**file_header("generator", args), "generator": run.sampler.state_dict()}, run_dir / "generator.pt")
 
 
 def save_atomically(obj, path):
@@ -425,24 +458,42 @@ def write_rows(path, fields, rows):
         writer.writerows(rows)
 
 
-def plot_losses(rows, quality, path):
+def plot_losses(rows, quality, steps_per_epoch, path):
+    """The game at a glance: each curve faint, its moving average over it, the equilibrium dashed."""
     from matplotlib.figure import Figure  # the object API: no GUI backend, no global state
 
     panels = 3 if len(quality) > 1 else 2
     fig = Figure(figsize=(5 * panels, 4), layout="constrained")
     axes = fig.subplots(1, panels)
-    steps = [row["step"] for row in rows]
-    for key, ax in (("Loss_D", axes[0]), ("Loss_G", axes[0]), ("D(x)", axes[1]), ("D(G(z))", axes[1])):
-        ax.plot(steps, [row[key] for row in rows], label=key)
-    axes[0].set(title="losses", xlabel="step")
-    axes[1].set(title="D's mean output (0.5 at equilibrium)", xlabel="step", ylim=(0, 1))
+    epochs = [row["step"] / steps_per_epoch for row in rows]
+    window = max(1, len(rows) // 25)  # the moving average spans a 25th of the run
+    for ax, keys, equilibrium in ((axes[0], ("Loss_D", "Loss_G"), 2 * math.log(2)), (axes[1], ("D(x)", "D(G(z))"), 0.5)):
+        for key in keys if rows else ():
+            values = torch.tensor([row[key] for row in rows])
+            faint = ax.plot(epochs, values, alpha=0.25)[0]
+            ax.plot(epochs[window - 1:], values.unfold(0, window, 1).mean(1), color=faint.get_color(), label=key)
+        ax.axhline(equilibrium, color="gray", linestyle="--", label=f"equilibrium ({equilibrium:.2f})")
+    axes[0].set(title="losses (Loss_D = 2 ln 2 when D can only guess)", xlabel="epoch")
+    axes[1].set(title="D's mean output (0.5 when D can only guess)", xlabel="epoch", ylim=(0, 1))
     if panels == 3:
-        axes[2].plot([q["step"] for q in quality], [q["FID"] for q in quality], "o-", label="FID of samples")
-        axes[2].axhline(quality[-1]["FID_real"], color="gray", linestyle="--", label="FID of real data")
-        axes[2].set(title="FID (lower is better)", xlabel="step")
+        axes[2].plot([q["step"] / steps_per_epoch for q in quality], [q["FID"] for q in quality], "o-", label="samples")
+        axes[2].axhline(quality[-1]["FID_real"], color="gray", linestyle="--", label="real data")
+        axes[2].set(title="FID (lower is better)", xlabel="epoch")
     for ax in axes:
         ax.legend()
     fig.savefig(path, dpi=100)
+
+
+def save_progress_gif(samples_dir):
+    """Every epoch's grid as one animation (the whole run's, after a resume too), written atomically."""
+    from PIL import Image
+
+    frames = [Image.open(path) for path in sorted(samples_dir.glob("epoch_*.png"))]
+    if frames:  # 0.2 s a frame, and the last one held for 2 s
+        tmp = samples_dir / "progress.gif.tmp"
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], loop=0,
+                       duration=[200] * (len(frames) - 1) + [2000])
+        os.replace(tmp, samples_dir / "progress.gif")
 
 
 # ---- The quality report: FID, Inception Score and class coverage, judged by a small classifier ---
@@ -549,7 +600,7 @@ class QualityJudge:
         features, probs = predict(self.classifier, train_set[0][:10_000])
         self.reference = {"FID_real": frechet_distance(features, self.test_features), "IS_real": inception_score(probs)}
 
-    def __call__(self, G, epoch=None, step=None):
+    def __call__(self, G, epoch=None, step=None, name=""):
         z = torch.randn(self.samples, G.latent_dim, generator=torch.Generator().manual_seed(0))
         images = torch.cat([sample(G, chunk.to(next(G.parameters()).device)) for chunk in z.split(1000)])
         features, probs = predict(self.classifier, images)
@@ -557,7 +608,7 @@ class QualityJudge:
         row = {"epoch": epoch, "step": step, "FID": frechet_distance(features, self.test_features),
                "IS": inception_score(probs), **self.reference, "min_share": min(shares),
                **{f"share_{k}": share for k, share in enumerate(shares)}}
-        print(f"quality{'' if step is None else f' at step {step}'}: FID {row['FID']:.2f} (real data "
+        print(f"quality{name}{'' if step is None else f' at step {step}'}: FID {row['FID']:.2f} (real data "
               f"{row['FID_real']:.2f})  IS {row['IS']:.2f} (real data {row['IS_real']:.2f})  rarest class "
               f"{shares.index(min(shares))} at {min(shares):.1%} of samples", flush=True)
         rare = [str(k) for k, share in enumerate(shares) if share < 0.05]
@@ -573,13 +624,16 @@ class QualityJudge:
 # The classic tutorials' networks, one flag each: --config NAME. Flags typed beside it still win.
 CONFIGS = {
     "default": {},  # the flags' own defaults
-    "minimal": {"g_hidden": [128], "g_activation": "relu", "d_hidden": [128], "batch_size": 64, "epochs": 100},
-    "deep": {"g_hidden": [256, 512, 1024], "g_activation": "relu", "d_hidden": [1024, 512, 256], "epochs": 20},
+    "minimal": {"g_hidden": [128], "g_activation": "relu", "d_hidden": [128], "d_dropout": 0.0, "batch_size": 64,
+                "epochs": 100},
+    "deep": {"g_hidden": [256, 512, 1024], "g_activation": "relu", "d_hidden": [1024, 512, 256], "d_dropout": 0.0,
+             "epochs": 20},
     "batchnorm": {"g_hidden": [128, 256, 512, 1024], "g_activation": "relu", "g_batchnorm": True,
-                  "d_hidden": [1024, 512, 256], "latent_dim": 64, "lr": 1e-5, "epochs": 500},
+                  "d_hidden": [1024, 512, 256], "d_dropout": 0.0, "latent_dim": 64, "lr": 1e-5, "epochs": 500},
 }
 # A resumed run keeps the flags that shape its model and its batch order.
-RUN_IDENTITY = ("dataset", "latent_dim", "g_hidden", "d_hidden", "g_activation", "g_batchnorm", "batch_size", "seed")
+RUN_IDENTITY = ("dataset", "latent_dim", "g_hidden", "d_hidden", "g_activation", "g_batchnorm", "d_dropout",
+                "ema_decay", "batch_size", "seed")
 GENERATE_FLAGS = {"generate", "checkpoint", "out", "nrow", "seed", "device", "debug", "eval", "data_dir"}
 MAX_GRID_IMAGES = 10_000  # a 100 x 100 grid is a 3002 x 3002 picture; more images belong in a .pt file
 
@@ -599,7 +653,7 @@ def checked(cast, is_valid, expected):
 positive_int = checked(int, lambda v: v > 0, "a positive whole number")
 non_negative_int = checked(int, lambda v: v >= 0, "a whole number >= 0")
 positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")  # refuses nan too
-adam_beta = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+unit_interval = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 device_name = checked(str, lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), "auto, cpu, cuda, cuda:N or mps")
 
 
@@ -643,11 +697,14 @@ def build_parser():
     model.add_argument("--d-hidden", type=positive_int, nargs="+", default=[512, 256], help="D's hidden widths")
     model.add_argument("--g-activation", choices=list(ACTIVATIONS), default="leakyrelu", help="G's hidden activation")
     model.add_argument("--g-batchnorm", action="store_true", help="BatchNorm1d after each hidden Linear of G")
+    model.add_argument("--d-dropout", type=unit_interval, default=0.3, help="Dropout after each hidden layer of D")
+    model.add_argument("--ema-decay", type=unit_interval, default=0.999,
+                       help="sample from an average of G's weights with this decay (0: from G itself)")
     optim = p.add_argument_group("optimisation")
     optim.add_argument("--batch-size", type=positive_int, default=128, help="real images per step")
     optim.add_argument("--lr", type=positive_float, default=2e-4, help="Adam learning rate, both networks")
-    optim.add_argument("--beta1", type=adam_beta, default=0.5, help="Adam beta1, both networks")
-    optim.add_argument("--beta2", type=adam_beta, default=0.999, help="Adam beta2, both networks")
+    optim.add_argument("--beta1", type=unit_interval, default=0.5, help="Adam beta1, both networks")
+    optim.add_argument("--beta2", type=unit_interval, default=0.999, help="Adam beta2, both networks")
     out = p.add_argument_group("output")
     out.add_argument("--out-dir", help="run folder (default: runs/<date-time>, a new one)")
     out.add_argument("--log-every", type=positive_int, default=100, help="print and record every N steps")
@@ -765,13 +822,13 @@ def train(args, run_dir, device, checkpoint):
                     run.order = torch.randperm(len(pixels), device=device)
                 sums, first_step = torch.zeros(4, device=device), run.step
                 for stats in train_epoch(G, D, run.opt_G, run.opt_D, pixels, args.batch_size, run.order, run.batch,
-                                         args.amp):
+                                         args.amp, run.ema):
                     sums += stats  # summed on the device: no host sync on steps that do not log
                     run.batch, run.step = run.batch + 1, run.step + 1
                     if run.step % args.log_every == 0:  # .tolist() waits for the device: only here
                         logged = log_step(run, args, steps_per_epoch, stats.tolist(), logged)
                     if args.sample_every and run.step % args.sample_every == 0:
-                        save_grid(sample(run.G, run.fixed_noise), run_dir / "samples" / f"step_{run.step:07d}.png")
+                        save_grid(sample(run.sampler, run.fixed_noise), run_dir / "samples" / f"step_{run.step:07d}.png")
                     if run.step >= last_step or stop.signal is not None:
                         break
                 means = (sums / (run.step - first_step)).tolist()  # one sync per epoch
@@ -781,6 +838,9 @@ def train(args, run_dir, device, checkpoint):
         saved = ("nothing was saved" if run.saved_step is None else
                  f"the checkpoint holds step {run.saved_step}; to resume: {resume_command(run_dir)}")
         raise GanError(f"aborted at step {run.step}: {saved}", code=130) from None
+    del pixels  # freed first: matplotlib's memory never adds to the training's peak
+    plot_losses(run.metrics, run.quality, steps_per_epoch, run_dir / "losses.png")
+    save_progress_gif(run_dir / "samples")
     return (128 + stop.signal if stop.signal else 0), run  # 130 for SIGINT, 143 for SIGTERM
 
 
@@ -788,13 +848,15 @@ def end_epoch(run, args, run_dir, means, completed, judge, last_step, start):
     """After an epoch, or the part of one before a stop: report, draw the grid, evaluate, save."""
     if completed:
         run.epoch, run.batch = run.epoch + 1, 0
-        save_grid(sample(run.G, run.fixed_noise), run_dir / "samples" / f"epoch_{run.epoch:03d}.png")
+        save_grid(sample(run.sampler, run.fixed_noise), run_dir / "samples" / f"epoch_{run.epoch:03d}.png")
     eta = (time.perf_counter() - start[0]) / (run.step - start[1]) * (last_step - run.step)
     print(f"epoch {run.epoch + (not completed)}/{args.epochs} {'done' if completed else 'stopped early'}: "
           f"mean {format_stats(means)}  ETA {datetime.timedelta(seconds=round(eta))}", flush=True)
     if judge and (args.eval_every and completed and run.epoch % args.eval_every == 0
                   or args.eval and run.step >= last_step):
-        run.quality.append(judge(run.G, run.epoch, run.step))
+        run.quality.append(judge(run.sampler, run.epoch, run.step, " of the averaged G" if run.ema else ""))
+        if run.ema and args.eval and run.step >= last_step:  # once, to show what averaging buys
+            judge(run.G, run.epoch, run.step, " of the last G, not averaged")
     save_checkpoint(run_dir, args, run)
     write_rows(run_dir / "metrics.csv", METRIC_FIELDS, run.metrics)
     if run.quality:
@@ -849,10 +911,8 @@ def train_command(args, checkpoint):
     with run_folder(args.out_dir, resuming=checkpoint is not None) as run_dir:
         args.out_dir = str(run_dir)
         code, run = train(args, run_dir, device, checkpoint)
-    if run.saved_step is None:
+    if run.saved_step is None:  # nothing to do
         return code
-    # Drawn once training has returned and the data is freed: matplotlib never adds to its peak memory.
-    plot_losses(run.metrics, run.quality, run_dir / "losses.png")
     if code:
         print(f"stopped at step {run.step}; checkpoint saved. To resume:\n  {resume_command(run_dir)}")
     else:
@@ -866,7 +926,7 @@ def generate(args):
     path, saved = load_file(args.checkpoint, device)
     try:
         G = Generator(**saved["generator_args"]).to(device)
-        G.load_state_dict(saved["generator"])
+        G.load_state_dict(saved.get("generator_avg") or saved["generator"])  # the averaged G, if any
     except (KeyError, TypeError, RuntimeError) as e:
         raise GanError(f"{path} does not hold a generator this script can rebuild ({e})") from e
     torch.manual_seed(args.seed)
