@@ -37,6 +37,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+if os.name == "nt":
+    import msvcrt  # the run folder's lock, on Windows
+else:
+    import fcntl  # the run folder's lock, and flushing a folder, on POSIX
+
 IMAGE_SHAPE = (1, 28, 28)  # every image here is a (1, 28, 28) tensor with values in [-1, 1]
 ACTIVATIONS = {"leakyrelu": lambda: nn.LeakyReLU(0.2), "relu": nn.ReLU}
 
@@ -383,6 +388,10 @@ def save_atomically(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        if os.name == "posix":  # flush the folder too, so the rename itself survives a power loss
+            folder = os.open(path.parent, os.O_RDONLY)
+            os.fsync(folder)
+            os.close(folder)
     except BaseException as e:  # a full disk, or a second Ctrl-C: drop the half-written file
         tmp.unlink(missing_ok=True)
         if not isinstance(e, OSError):
@@ -422,18 +431,43 @@ def run_folder(out_dir, resuming):
     """The run folder: created for a new run, and removed again if nothing was saved in it."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(out_dir or Path("runs") / stamp).resolve()
-    if not resuming and (run_dir / "checkpoint.pt").exists():
-        raise GanError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
-                       "or choose another --out-dir")
     existing = first_existing(run_dir)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise GanError(f"cannot write to the run folder {run_dir} ({existing} is not a writable folder); "
                        "choose another --out-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_folder(run_dir)
     try:
+        if not resuming and (run_dir / "checkpoint.pt").exists():
+            raise GanError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+                           "or choose another --out-dir")
         yield run_dir
     finally:
+        lock.close()  # releases the lock
+        if [path.name for path in run_dir.iterdir()] == [".lock"]:  # nothing was saved: leave nothing behind
+            (run_dir / ".lock").unlink()
         remove_empty_folders(run_dir, existing)
+
+
+def lock_run_folder(run_dir):
+    """One trainer per run folder: an OS lock on its .lock file, held while training. The OS releases it
+    however the process ends, kill -9 included, so there is never a stale lock to delete by hand."""
+    lock = open(run_dir / ".lock", "a+")
+    lock.seek(0)
+    try:
+        if os.name == "nt":
+            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = lock.read().strip() or "unknown"
+        lock.close()
+        raise GanError(f"{run_dir} is in use by another process (PID {pid}) training there; wait for it to "
+                       "finish or stop it, or choose another --out-dir") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))  # for the message above, in the process that is refused
+    lock.flush()
+    return lock
 
 
 # ---- Outputs: sample grids, CSV files, the loss plot --------------------------------------------
@@ -735,8 +769,10 @@ def parse_args(argv):
     if checkpoint:
         changed = [f"--{name.replace('_', '-')}" for name in RUN_IDENTITY if getattr(args, name) != checkpoint["args"][name]]
         if changed:
-            raise GanError(f"{', '.join(changed)} {'differ' if len(changed) > 1 else 'differs'} from the checkpoint's; "
-                           "a resumed run keeps its model, data and batch order: drop them, or start a new run", code=2)
+            many = len(changed) > 1
+            raise GanError(f"{', '.join(changed)} {'differ' if many else 'differs'} from the checkpoint's; a resumed "
+                           f"run keeps its model, data and batch order: drop {'them' if many else 'it'}, or start a "
+                           "new run", code=2)
         if Path(args.out_dir).resolve() != Path(checkpoint["args"]["out_dir"]):
             raise GanError(f"--out-dir differs from the resumed run's folder {checkpoint['args']['out_dir']}; drop it", code=2)
     typed = [name for name in vars(args) if getattr(args, name) != parser.get_default(name)]
@@ -776,6 +812,9 @@ def amp_by_default(device):
 # ---- main: train, generate, one-line errors -----------------------------------------------------
 
 DIVERGED = 100.0  # a BCE loss this large means logits beyond +-100: D's sigmoid is saturated for good
+# Float32 sums taken in another order differ by about 1e-7 relative; 20 steps of the game, and Adam's
+# normalised updates where a gradient is near 0, grow that to about 1e-5. A wrong kernel errs by ~1.
+DEVICE_TOLERANCE = 1e-3  # the device check's bound on the relative difference from the CPU
 
 
 class StopRequest:
@@ -798,6 +837,48 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+def device_check(args, device, steps=20):
+    """--dataset fake on a GPU: does it compute what the CPU computes? The same steps, from the same weights
+    and inputs, run on both in plain float32 (no autocast, no TF32). Returns (the largest relative difference
+    of the losses and the weights, the CPU's images per second); a difference above DEVICE_TOLERANCE stops."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # TF32 off, for this comparison only
+    try:
+        with torch.random.fork_rng(devices=[]):  # the run's own random numbers stay untouched
+            torch.manual_seed(args.seed)
+            # Every random input is drawn once, on the CPU; dropout, whose masks are random, is off.
+            nets = Generator(**generator_args(args)), Discriminator(args.d_hidden, dropout=0)
+            pixels, z = load_dataset("fake", None)[0], torch.randn(steps, args.batch_size, args.latent_dim)
+            results = [run_steps(nets, pixels, z, args, where) for where in (device, torch.device("cpu"))]
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    (on_device, _), (on_cpu, seconds) = results
+    differences = {name: ((on_device[name].double() - value.double()).norm() / value.double().norm().clamp(min=1e-12)).item()
+                   for name, value in on_cpu.items()}
+    worst = max(differences, key=differences.get)
+    if not differences[worst] <= DEVICE_TOLERANCE:  # NaN fails too
+        raise GanError(f"device check failed: {worst} on {device} differs from the CPU's by {differences[worst]:.1e} "
+                       f"(relative; the tolerance is {DEVICE_TOLERANCE:g}): this device, its driver or this PyTorch "
+                       "build computes wrongly")
+    return differences[worst], steps * args.batch_size / seconds
+
+
+def run_steps(nets, pixels, z, args, device):
+    """Train copies of `nets` on `device` for len(z) steps. Returns ({name: tensor} of the losses and
+    every weight afterwards, on the CPU; the seconds the steps took)."""
+    G, D = (copy.deepcopy(net).to(device) for net in nets)
+    opt_G, opt_D = (make_optimizer(net, args.lr, (args.beta1, args.beta2)) for net in (G, D))
+    start, stats = time.perf_counter(), []
+    for i, noise in enumerate(z):
+        real = to_unit_range(pixels[i * args.batch_size:(i + 1) * args.batch_size].to(device))
+        stats.append(train_step(G, D, opt_G, opt_D, real, noise.to(device)))
+    results = {"the losses": torch.stack(stats).cpu()}  # .cpu() waits for the device: the timing is complete
+    seconds = time.perf_counter() - start
+    for net in (G, D):
+        results.update({f"{type(net).__name__}'s {name}": value.cpu() for name, value in net.state_dict().items()})
+    return results, seconds
+
+
 def train(args, run_dir, device, checkpoint):
     """Train to --epochs or --max-steps, or until a stop request. Returns (exit code, run)."""
     pixels = load_dataset(args.dataset, args.data_dir)[0].to(device)  # resident: see train_epoch
@@ -812,6 +893,12 @@ def train(args, run_dir, device, checkpoint):
         return 0, run
     judge = QualityJudge(args.dataset, args.data_dir, device) if args.eval or args.eval_every else None
     print_banner(args, device, run_dir, len(pixels), run)
+    checked_device = None
+    if args.dataset == "fake" and device.type == "cpu":
+        print("device check: --device cpu has nothing to compare against; training on random images")
+    elif args.dataset == "fake":
+        checked_device = device_check(args, device)
+        print(f"device check: {device} matches the CPU to {checked_device[0]:.0e} over 20 steps; training on")
     # Compiled wrappers train; G and D themselves are saved, so their state_dict keys stay plain.
     G, D = (torch.compile(run.G), torch.compile(run.D)) if args.compile else (run.G, run.D)
     start = logged = (time.perf_counter(), run.step)
@@ -820,7 +907,7 @@ def train(args, run_dir, device, checkpoint):
             while run.step < last_step and stop.signal is None:
                 if run.batch == 0:  # a fresh batch order each epoch; a resumed epoch keeps its own
                     run.order = torch.randperm(len(pixels), device=device)
-                sums, first_step = torch.zeros(4, device=device), run.step
+                sums, first_step, epoch_start = torch.zeros(4, device=device), run.step, time.perf_counter()
                 for stats in train_epoch(G, D, run.opt_G, run.opt_D, pixels, args.batch_size, run.order, run.batch,
                                          args.amp, run.ema):
                     sums += stats  # summed on the device: no host sync on steps that do not log
@@ -833,29 +920,35 @@ def train(args, run_dir, device, checkpoint):
                         break
                 means = (sums / (run.step - first_step)).tolist()  # one sync per epoch
                 check_sane(dict(zip(STATS, means)), run, run.G, run.D)  # before a save could overwrite good files
-                end_epoch(run, args, run_dir, means, run.batch == steps_per_epoch, judge, last_step, start)
+                completed = run.batch == steps_per_epoch
+                if completed:
+                    run.epoch, run.batch = run.epoch + 1, 0
+                eta = (time.perf_counter() - start[0]) / (run.step - start[1]) * (last_step - run.step)
+                print(f"epoch {run.epoch + (not completed)}/{args.epochs} {'done' if completed else 'stopped early'}: "
+                      f"mean {format_stats(means)}  {time.perf_counter() - epoch_start:.1f}s ({run.step - first_step} "
+                      f"steps)  ETA {datetime.timedelta(seconds=round(eta))}", flush=True)
+                save_progress(run, args, run_dir, judge, completed, last=run.step >= last_step)
     except KeyboardInterrupt:  # the second Ctrl-C
         saved = ("nothing was saved" if run.saved_step is None else
                  f"the checkpoint holds step {run.saved_step}; to resume: {resume_command(run_dir)}")
         raise GanError(f"aborted at step {run.step}: {saved}", code=130) from None
+    if checked_device and not stop.signal:
+        rate = (run.step - start[1]) * args.batch_size / (time.perf_counter() - start[0])
+        print(f"device check passed: {device} ({device_label(device)}) matches the CPU to {checked_device[0]:.0e}; "
+              f"{rate:,.0f} img/s, {rate / checked_device[1]:.0f}x this CPU")
     del pixels  # freed first: matplotlib's memory never adds to the training's peak
     plot_losses(run.metrics, run.quality, steps_per_epoch, run_dir / "losses.png")
     save_progress_gif(run_dir / "samples")
     return (128 + stop.signal if stop.signal else 0), run  # 130 for SIGINT, 143 for SIGTERM
 
 
-def end_epoch(run, args, run_dir, means, completed, judge, last_step, start):
-    """After an epoch, or the part of one before a stop: report, draw the grid, evaluate, save."""
+def save_progress(run, args, run_dir, judge, completed, last):
+    """After an epoch, or the part of one before a stop: the epoch's grid, an evaluation if due, the checkpoint."""
     if completed:
-        run.epoch, run.batch = run.epoch + 1, 0
         save_grid(sample(run.sampler, run.fixed_noise), run_dir / "samples" / f"epoch_{run.epoch:03d}.png")
-    eta = (time.perf_counter() - start[0]) / (run.step - start[1]) * (last_step - run.step)
-    print(f"epoch {run.epoch + (not completed)}/{args.epochs} {'done' if completed else 'stopped early'}: "
-          f"mean {format_stats(means)}  ETA {datetime.timedelta(seconds=round(eta))}", flush=True)
-    if judge and (args.eval_every and completed and run.epoch % args.eval_every == 0
-                  or args.eval and run.step >= last_step):
+    if judge and (args.eval_every and completed and run.epoch % args.eval_every == 0 or args.eval and last):
         run.quality.append(judge(run.sampler, run.epoch, run.step, " of the averaged G" if run.ema else ""))
-        if run.ema and args.eval and run.step >= last_step:  # once, to show what averaging buys
+        if run.ema and args.eval and last:  # once, to show what averaging buys
             judge(run.G, run.epoch, run.step, " of the last G, not averaged")
     save_checkpoint(run_dir, args, run)
     write_rows(run_dir / "metrics.csv", METRIC_FIELDS, run.metrics)
@@ -889,13 +982,17 @@ def check_sane(losses, run, *nets):
 
 
 def print_banner(args, device, run_dir, n_images, run):
-    gpu = f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})" if device.type == "cuda" else ""
+    gpu = f" ({device_label(device)}, CUDA {torch.version.cuda})" if device.type == "cuda" else ""
     sizes = [f"{sum(p.numel() for p in net.parameters()):,}" for net in (run.G, run.D)]
     print(f"device {device}{gpu}  torch {torch.__version__}  amp {args.amp}  compile {args.compile}\n"
           f"dataset {args.dataset}: {n_images} training images ({'random' if args.dataset == 'fake' else args.data_dir})\n"
           f"Generator {sizes[0]} parameters, Discriminator {sizes[1]} parameters\n"
           f"seed {args.seed}  batch {args.batch_size}  lr {args.lr}  betas ({args.beta1}, {args.beta2})\n"
           f"run folder {run_dir}" + (f", resuming at step {run.step}" if run.step else ""), flush=True)
+
+
+def device_label(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
 
 
 def resume_command(run_dir):
