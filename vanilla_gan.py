@@ -8,9 +8,9 @@ from G's fakes, G learns to fool D. At the equilibrium G draws digits D cannot t
     python vanilla_gan.py --resume runs/20261122-101500        # continue a run
     python vanilla_gan.py --generate 64 --checkpoint runs/20261122-101500
 
-Lines 1 to 140 are the whole algorithm: the two networks, one training step and one epoch, using
-nothing but torch. Below the marked line is the script around it: data, checkpoints, outputs, the
-quality report, the command line and main().
+Lines 1 to 180 are the whole algorithm: the two networks, one training step, one epoch and sampling,
+using nothing but torch. Below the marked line is the script around it: data, checkpoints, outputs,
+the quality report, the command line and main().
 """
 import argparse
 import copy
@@ -40,7 +40,7 @@ from torch import nn
 if os.name == "nt":
     import msvcrt  # the run folder's lock, on Windows
 else:
-    import fcntl  # the run folder's lock, and flushing a folder, on POSIX
+    import fcntl  # the run folder's lock, on POSIX
 
 IMAGE_SHAPE = (1, 28, 28)  # every image here is a (1, 28, 28) tensor with values in [-1, 1]
 ACTIVATIONS = {"leakyrelu": lambda: nn.LeakyReLU(0.2), "relu": nn.ReLU}
@@ -244,7 +244,8 @@ def refuse_misplaced_files(root, folder):
         if all((place / file).exists() or (place / f"{file}.gz").exists() for file in IDX_FILES):
             right = place.parent.parent if place.name == "raw" and place.parent.name == folder else None
             fix = f"use --data-dir {right}" if right else f"move them to {root / folder / 'raw'}"
-            raise GanError(f"the {folder} files are in {place}, but they belong in <data-dir>/{folder}/raw/: {fix}")
+            raise GanError(f"the {folder} files are in {place}, but they belong in <data-dir>/{folder}/raw/: "
+                           f"{fix}")
 
 
 def download(dataset, root, raw, missing):
@@ -371,12 +372,14 @@ def save_checkpoint(run_dir, args, run):
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     flags = {name: value for name, value in vars(args).items() if name not in INVOCATION_FLAGS}
-    save_atomically({**file_header("checkpoint", args), "args": flags, "rng": rng,
-                     "generator": run.G.state_dict(), "discriminator": run.D.state_dict(),
-                     "generator_avg": run.ema.G.state_dict() if run.ema else None, "opt_G": run.opt_G.state_dict(), "opt_D": run.opt_D.state_dict(),
+    networks = {"generator": run.G.state_dict(), "discriminator": run.D.state_dict(),
+                "generator_avg": run.ema.G.state_dict() if run.ema else None,
+                "opt_G": run.opt_G.state_dict(), "opt_D": run.opt_D.state_dict()}
+    save_atomically({**file_header("checkpoint", args), "args": flags, "rng": rng, **networks,
                      **{name: getattr(run, name) for name in POSITION}}, run_dir / "checkpoint.pt")
     run.saved_step = run.step
-    save_atomically({**file_header("generator", args), "generator": run.sampler.state_dict()}, run_dir / "generator.pt")
+    save_atomically({**file_header("generator", args), "generator": run.sampler.state_dict()},
+                    run_dir / "generator.pt")
 
 
 def save_atomically(obj, path):
@@ -415,7 +418,8 @@ def load_file(path, device, kind=None):
         raise GanError(f"{path} is not a readable vanilla_gan checkpoint: it holds more than tensors and "
                        "plain data, and loading it could run code, so it was refused unread") from e
     except Exception as e:  # a truncated or damaged archive
-        raise GanError(f"{path} is not a readable vanilla_gan checkpoint: it is truncated or damaged ({e})") from e
+        raise GanError(f"{path} is not a readable vanilla_gan checkpoint: it is truncated or damaged "
+                       f"({e})") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise GanError(f"{path} is not a vanilla_gan checkpoint")
     if data.get("version") != FORMAT_VERSION:
@@ -474,7 +478,8 @@ def lock_run_folder(run_dir):
 
 STATS = ("Loss_D", "Loss_G", "D(x)", "D(G(z))")
 METRIC_FIELDS = ["epoch", "step", *STATS, "images_per_s"]
-QUALITY_FIELDS = ["epoch", "step", "FID", "IS", "FID_real", "IS_real", "min_share", *[f"share_{k}" for k in range(10)]]
+QUALITY_FIELDS = ["epoch", "step", "FID", "IS", "FID_real", "IS_real", "min_share",
+                  *[f"share_{k}" for k in range(10)]]
 
 
 def save_grid(images, path, nrow=8):
@@ -501,7 +506,8 @@ def plot_losses(rows, quality, steps_per_epoch, path):
     axes = fig.subplots(1, panels)
     epochs = [row["step"] / steps_per_epoch for row in rows]
     window = max(1, len(rows) // 25)  # the moving average spans a 25th of the run
-    for ax, keys, equilibrium in ((axes[0], ("Loss_D", "Loss_G"), 2 * math.log(2)), (axes[1], ("D(x)", "D(G(z))"), 0.5)):
+    panels_and_equilibria = ((axes[0], ("Loss_D", "Loss_G"), 2 * math.log(2)), (axes[1], ("D(x)", "D(G(z))"), 0.5))
+    for ax, keys, equilibrium in panels_and_equilibria:
         for key in keys if rows else ():
             values = torch.tensor([row[key] for row in rows])
             faint = ax.plot(epochs, values, alpha=0.25)[0]
@@ -510,7 +516,8 @@ def plot_losses(rows, quality, steps_per_epoch, path):
     axes[0].set(title="losses (Loss_D = 2 ln 2 when D can only guess)", xlabel="epoch")
     axes[1].set(title="D's mean output (0.5 when D can only guess)", xlabel="epoch", ylim=(0, 1))
     if panels == 3:
-        axes[2].plot([q["step"] / steps_per_epoch for q in quality], [q["FID"] for q in quality], "o-", label="samples")
+        quality_epochs = [row["step"] / steps_per_epoch for row in quality]
+        axes[2].plot(quality_epochs, [row["FID"] for row in quality], "o-", label="samples")
         axes[2].axhline(quality[-1]["FID_real"], color="gray", linestyle="--", label="real data")
         axes[2].set(title="FID (lower is better)", xlabel="epoch")
     for ax in axes:
@@ -586,7 +593,8 @@ def load_classifier(dataset, train_set, test_set, device):
     print(f"classifier trained: {accuracy:.2%} test accuracy")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomically({**file_header("classifier"), "accuracy": accuracy, "classifier": model.state_dict()}, path)
+        saved = {**file_header("classifier"), "accuracy": accuracy, "classifier": model.state_dict()}
+        save_atomically(saved, path)
     except (OSError, GanError) as e:
         print(f"warning: the classifier could not be cached ({e}); it will be trained again next time")
     return model
@@ -626,13 +634,15 @@ class QualityJudge:
 
     def __init__(self, dataset, data_dir, device, samples=10_000):
         self.samples = samples  # generated images per evaluation, against up to 10,000 test images
-        train_set, test_set = load_dataset(dataset, data_dir, train=True), load_dataset(dataset, data_dir, train=False)
+        train_set = load_dataset(dataset, data_dir, train=True)
+        test_set = load_dataset(dataset, data_dir, train=False)
         with torch.random.fork_rng():  # training the classifier must not shift the GAN's random numbers
             torch.manual_seed(0)
             self.classifier = load_classifier(dataset, train_set, test_set, device)
         self.test_features = predict(self.classifier, test_set[0][:10_000])[0]
         features, probs = predict(self.classifier, train_set[0][:10_000])
-        self.reference = {"FID_real": frechet_distance(features, self.test_features), "IS_real": inception_score(probs)}
+        self.reference = {"FID_real": frechet_distance(features, self.test_features),
+                          "IS_real": inception_score(probs)}
 
     def __call__(self, G, epoch=None, step=None, name=""):
         z = torch.randn(self.samples, G.latent_dim, generator=torch.Generator().manual_seed(0))
@@ -688,7 +698,8 @@ positive_int = checked(int, lambda v: v > 0, "a positive whole number")
 non_negative_int = checked(int, lambda v: v >= 0, "a whole number >= 0")
 positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")  # refuses nan too
 unit_interval = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-device_name = checked(str, lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), "auto, cpu, cuda, cuda:N or mps")
+device_name = checked(str, lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v),
+                      "auto, cpu, cuda, cuda:N or mps")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -712,7 +723,8 @@ def build_parser():
     p = OneLineParser(description="Train a vanilla GAN on MNIST, resume a run, or generate digits from one.",
                       formatter_class=HelpFormatter, allow_abbrev=False)
     run = p.add_argument_group("run")
-    run.add_argument("--config", choices=list(CONFIGS), help="a classic tutorial's network, batch size, epochs, lr")
+    run.add_argument("--config", choices=list(CONFIGS),
+                     help="a classic tutorial's network, batch size, epochs and lr; flags typed beside it win")
     run.add_argument("--epochs", type=positive_int, default=50, help="passes over the training set")
     run.add_argument("--max-steps", type=positive_int, help="stop this invocation at this many steps in all")
     run.add_argument("--device", type=device_name, default="auto", help="auto picks cuda, then mps, then cpu")
@@ -724,14 +736,17 @@ def build_parser():
     run.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
     data = p.add_argument_group("data")
     data.add_argument("--dataset", choices=list(DATASETS), default="mnist", help="fake: random images, no files")
-    data.add_argument("--data-dir", default="data", help="the folder that holds MNIST/raw/ (downloaded if missing)")
+    data.add_argument("--data-dir", default="data",
+                      help="the folder that holds MNIST/raw/ (downloaded there if missing)")
     model = p.add_argument_group("model")
     model.add_argument("--latent-dim", type=positive_int, default=100, help="size of the noise vector z")
     model.add_argument("--g-hidden", type=positive_int, nargs="+", default=[256, 512], help="G's hidden widths")
     model.add_argument("--d-hidden", type=positive_int, nargs="+", default=[512, 256], help="D's hidden widths")
-    model.add_argument("--g-activation", choices=list(ACTIVATIONS), default="leakyrelu", help="G's hidden activation")
+    model.add_argument("--g-activation", choices=list(ACTIVATIONS), default="leakyrelu",
+                       help="G's hidden activation")
     model.add_argument("--g-batchnorm", action="store_true", help="BatchNorm1d after each hidden Linear of G")
-    model.add_argument("--d-dropout", type=unit_interval, default=0.3, help="Dropout after each hidden layer of D")
+    model.add_argument("--d-dropout", type=unit_interval, default=0.3,
+                       help="Dropout after each hidden layer of D (0: none)")
     model.add_argument("--ema-decay", type=unit_interval, default=0.999,
                        help="sample from an average of G's weights with this decay (0: from G itself)")
     optim = p.add_argument_group("optimisation")
@@ -767,14 +782,15 @@ def parse_args(argv):
     parser.set_defaults(**CONFIGS.get(args.config, {}))
     args = parser.parse_args(argv)
     if checkpoint:
-        changed = [f"--{name.replace('_', '-')}" for name in RUN_IDENTITY if getattr(args, name) != checkpoint["args"][name]]
+        saved = checkpoint["args"]
+        changed = [f"--{name.replace('_', '-')}" for name in RUN_IDENTITY if getattr(args, name) != saved[name]]
         if changed:
             many = len(changed) > 1
-            raise GanError(f"{', '.join(changed)} {'differ' if many else 'differs'} from the checkpoint's; a resumed "
-                           f"run keeps its model, data and batch order: drop {'them' if many else 'it'}, or start a "
-                           "new run", code=2)
-        if Path(args.out_dir).resolve() != Path(checkpoint["args"]["out_dir"]):
-            raise GanError(f"--out-dir differs from the resumed run's folder {checkpoint['args']['out_dir']}; drop it", code=2)
+            raise GanError(f"{', '.join(changed)} {'differ' if many else 'differs'} from the checkpoint's; a "
+                           f"resumed run keeps its model, data and batch order: drop {'them' if many else 'it'}, "
+                           "or start a new run", code=2)
+        if Path(args.out_dir).resolve() != Path(saved["out_dir"]):
+            raise GanError(f"--out-dir differs from the resumed run's folder {saved['out_dir']}; drop it", code=2)
     typed = [name for name in vars(args) if getattr(args, name) != parser.get_default(name)]
     stray = [name for name in typed if name not in GENERATE_FLAGS] if args.generate else \
             [name for name in typed if name in ("checkpoint", "out", "nrow")]
@@ -806,7 +822,8 @@ def amp_by_default(device):
     """bfloat16 autocast is on where it was measured faster: CPUs with bf16 instructions (AVX512-BF16:
     6.0 s instead of 9.2 s an epoch on 2 cores). Elsewhere it is yours to try with --amp."""
     cpuinfo = Path("/proc/cpuinfo")  # Linux only
-    return device.type == "cpu" and cpuinfo.exists() and re.search(r"avx512_bf16|amx_bf16", cpuinfo.read_text()) is not None
+    has_bf16 = cpuinfo.exists() and re.search(r"avx512_bf16|amx_bf16", cpuinfo.read_text()) is not None
+    return device.type == "cpu" and has_bf16
 
 
 # ---- main: train, generate, one-line errors -----------------------------------------------------
@@ -853,14 +870,19 @@ def device_check(args, device, steps=20):
     finally:
         torch.set_float32_matmul_precision(precision)
     (on_device, _), (on_cpu, seconds) = results
-    differences = {name: ((on_device[name].double() - value.double()).norm() / value.double().norm().clamp(min=1e-12)).item()
-                   for name, value in on_cpu.items()}
+    differences = {name: relative_difference(on_device[name], value) for name, value in on_cpu.items()}
     worst = max(differences, key=differences.get)
     if not differences[worst] <= DEVICE_TOLERANCE:  # NaN fails too
-        raise GanError(f"device check failed: {worst} on {device} differs from the CPU's by {differences[worst]:.1e} "
-                       f"(relative; the tolerance is {DEVICE_TOLERANCE:g}): this device, its driver or this PyTorch "
-                       "build computes wrongly")
+        raise GanError(f"device check failed: {worst} on {device} differs from the CPU's by "
+                       f"{differences[worst]:.1e} (relative; the tolerance is {DEVICE_TOLERANCE:g}): this device, "
+                       "its driver or this PyTorch build computes wrongly")
     return differences[worst], steps * args.batch_size / seconds
+
+
+def relative_difference(a, b):
+    """||a - b|| / ||b|| in float64 (integer buffers such as BatchNorm's step count included)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
 
 
 def run_steps(nets, pixels, z, args, device):
@@ -875,7 +897,8 @@ def run_steps(nets, pixels, z, args, device):
     results = {"the losses": torch.stack(stats).cpu()}  # .cpu() waits for the device: the timing is complete
     seconds = time.perf_counter() - start
     for net in (G, D):
-        results.update({f"{type(net).__name__}'s {name}": value.cpu() for name, value in net.state_dict().items()})
+        prefix = f"{type(net).__name__}'s"
+        results.update({f"{prefix} {name}": value.cpu() for name, value in net.state_dict().items()})
     return results, seconds
 
 
@@ -883,14 +906,15 @@ def train(args, run_dir, device, checkpoint):
     """Train to --epochs or --max-steps, or until a stop request. Returns (exit code, run)."""
     pixels = load_dataset(args.dataset, args.data_dir)[0].to(device)  # resident: see train_epoch
     if args.batch_size > len(pixels):
-        raise GanError(f"--batch-size {args.batch_size} is larger than the dataset ({len(pixels)} images)", code=2)
+        raise GanError(f"--batch-size {args.batch_size} is larger than the dataset ({len(pixels)} images)",
+                       code=2)
     steps_per_epoch = len(pixels) // args.batch_size
     last_step = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
     run = restore(args, device, checkpoint) if checkpoint else new_run(args, device)
     if run.step >= last_step:
         print(f"nothing to do: the run already has {run.step} steps ({run.epoch} epochs); "
               "pass a larger --epochs or --max-steps to train on")
-        return 0, run
+        return 0, None
     judge = QualityJudge(args.dataset, args.data_dir, device) if args.eval or args.eval_every else None
     print_banner(args, device, run_dir, len(pixels), run)
     checked_device = None
@@ -908,14 +932,16 @@ def train(args, run_dir, device, checkpoint):
                 if run.batch == 0:  # a fresh batch order each epoch; a resumed epoch keeps its own
                     run.order = torch.randperm(len(pixels), device=device)
                 sums, first_step, epoch_start = torch.zeros(4, device=device), run.step, time.perf_counter()
-                for stats in train_epoch(G, D, run.opt_G, run.opt_D, pixels, args.batch_size, run.order, run.batch,
-                                         args.amp, run.ema):
+                steps = train_epoch(G, D, run.opt_G, run.opt_D, pixels, args.batch_size, run.order, run.batch,
+                                    args.amp, run.ema)
+                for stats in steps:
                     sums += stats  # summed on the device: no host sync on steps that do not log
                     run.batch, run.step = run.batch + 1, run.step + 1
                     if run.step % args.log_every == 0:  # .tolist() waits for the device: only here
                         logged = log_step(run, args, steps_per_epoch, stats.tolist(), logged)
                     if args.sample_every and run.step % args.sample_every == 0:
-                        save_grid(sample(run.sampler, run.fixed_noise), run_dir / "samples" / f"step_{run.step:07d}.png")
+                        grid = run_dir / "samples" / f"step_{run.step:07d}.png"
+                        save_grid(sample(run.sampler, run.fixed_noise), grid)
                     if run.step >= last_step or stop.signal is not None:
                         break
                 means = (sums / (run.step - first_step)).tolist()  # one sync per epoch
@@ -924,9 +950,10 @@ def train(args, run_dir, device, checkpoint):
                 if completed:
                     run.epoch, run.batch = run.epoch + 1, 0
                 eta = (time.perf_counter() - start[0]) / (run.step - start[1]) * (last_step - run.step)
-                print(f"epoch {run.epoch + (not completed)}/{args.epochs} {'done' if completed else 'stopped early'}: "
-                      f"mean {format_stats(means)}  {time.perf_counter() - epoch_start:.1f}s ({run.step - first_step} "
-                      f"steps)  ETA {datetime.timedelta(seconds=round(eta))}", flush=True)
+                status = "done" if completed else "stopped early"
+                print(f"epoch {run.epoch + (not completed)}/{args.epochs} {status}: mean {format_stats(means)}  "
+                      f"{time.perf_counter() - epoch_start:.1f}s ({run.step - first_step} steps)  "
+                      f"ETA {datetime.timedelta(seconds=round(eta))}", flush=True)
                 save_progress(run, args, run_dir, judge, completed, last=run.step >= last_step)
     except KeyboardInterrupt:  # the second Ctrl-C
         saved = ("nothing was saved" if run.saved_step is None else
@@ -934,8 +961,8 @@ def train(args, run_dir, device, checkpoint):
         raise GanError(f"aborted at step {run.step}: {saved}", code=130) from None
     if checked_device and not stop.signal:
         rate = (run.step - start[1]) * args.batch_size / (time.perf_counter() - start[0])
-        print(f"device check passed: {device} ({device_label(device)}) matches the CPU to {checked_device[0]:.0e}; "
-              f"{rate:,.0f} img/s, {rate / checked_device[1]:.0f}x this CPU")
+        print(f"device check passed: {device} ({device_label(device)}) matches the CPU to "
+              f"{checked_device[0]:.0e}; {rate:,.0f} img/s, {rate / checked_device[1]:.0f}x this CPU")
     del pixels  # freed first: matplotlib's memory never adds to the training's peak
     plot_losses(run.metrics, run.quality, steps_per_epoch, run_dir / "losses.png")
     save_progress_gif(run_dir / "samples")
@@ -943,7 +970,8 @@ def train(args, run_dir, device, checkpoint):
 
 
 def save_progress(run, args, run_dir, judge, completed, last):
-    """After an epoch, or the part of one before a stop: the epoch's grid, an evaluation if due, the checkpoint."""
+    """After an epoch, or the part of one before a stop: the epoch's grid, an evaluation if due, the
+    checkpoint and the CSV files."""
     if completed:
         save_grid(sample(run.sampler, run.fixed_noise), run_dir / "samples" / f"epoch_{run.epoch:03d}.png")
     if judge and (args.eval_every and completed and run.epoch % args.eval_every == 0 or args.eval and last):
@@ -961,9 +989,10 @@ def log_step(run, args, steps_per_epoch, stats, logged):
     now = time.perf_counter()
     rate = (run.step - logged[1]) * args.batch_size / (now - logged[0])
     check_sane(dict(zip(STATS[:2], stats[:2])), run)
-    run.metrics.append({"epoch": run.epoch + 1, "step": run.step, **dict(zip(STATS, stats)), "images_per_s": rate})
-    print(f"[{run.epoch + 1}/{args.epochs}][{run.batch}/{steps_per_epoch}] step {run.step}  {format_stats(stats)}  "
-          f"{rate:,.0f} img/s", flush=True)
+    run.metrics.append({"epoch": run.epoch + 1, "step": run.step, **dict(zip(STATS, stats)),
+                        "images_per_s": rate})
+    print(f"[{run.epoch + 1}/{args.epochs}][{run.batch}/{steps_per_epoch}] step {run.step}  "
+          f"{format_stats(stats)}  {rate:,.0f} img/s", flush=True)
     return now, run.step
 
 
@@ -974,18 +1003,21 @@ def format_stats(stats):
 def check_sane(losses, run, *nets):
     """Stop a diverged run before it saves anything: the last good checkpoint stays as it was."""
     bad = [f"{name} {value:.3g}" for name, value in losses.items() if not abs(value) < DIVERGED]  # NaN too
-    bad += [f"{type(net).__name__}'s weights" for net in nets if not all(p.isfinite().all() for p in net.parameters())]
+    bad += [f"{type(net).__name__}'s weights" for net in nets
+            if not all(p.isfinite().all() for p in net.parameters())]
     if bad:
-        saved = "nothing was saved" if run.saved_step is None else f"the checkpoint still holds step {run.saved_step}"
-        raise GanError(f"training diverged at step {run.step}: {', '.join(bad)} (a loss above {DIVERGED:g}, NaN or "
-                       f"infinite); stopped, {saved} (try a smaller --lr)")
+        saved = ("nothing was saved" if run.saved_step is None else
+                 f"the checkpoint still holds step {run.saved_step}")
+        raise GanError(f"training diverged at step {run.step}: {', '.join(bad)} (a loss above {DIVERGED:g}, "
+                       f"NaN or infinite); stopped, {saved} (try a smaller --lr)")
 
 
 def print_banner(args, device, run_dir, n_images, run):
     gpu = f" ({device_label(device)}, CUDA {torch.version.cuda})" if device.type == "cuda" else ""
     sizes = [f"{sum(p.numel() for p in net.parameters()):,}" for net in (run.G, run.D)]
     print(f"device {device}{gpu}  torch {torch.__version__}  amp {args.amp}  compile {args.compile}\n"
-          f"dataset {args.dataset}: {n_images} training images ({'random' if args.dataset == 'fake' else args.data_dir})\n"
+          f"dataset {args.dataset}: {n_images} training images "
+          f"({'random' if args.dataset == 'fake' else args.data_dir})\n"
           f"Generator {sizes[0]} parameters, Discriminator {sizes[1]} parameters\n"
           f"seed {args.seed}  batch {args.batch_size}  lr {args.lr}  betas ({args.beta1}, {args.beta2})\n"
           f"run folder {run_dir}" + (f", resuming at step {run.step}" if run.step else ""), flush=True)
@@ -1008,7 +1040,7 @@ def train_command(args, checkpoint):
     with run_folder(args.out_dir, resuming=checkpoint is not None) as run_dir:
         args.out_dir = str(run_dir)
         code, run = train(args, run_dir, device, checkpoint)
-    if run.saved_step is None:  # nothing to do
+    if run is None:  # nothing to do
         return code
     if code:
         print(f"stopped at step {run.step}; checkpoint saved. To resume:\n  {resume_command(run_dir)}")
