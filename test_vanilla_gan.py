@@ -559,7 +559,7 @@ def test_fashion_mnist_from_debian_files(capsys, tmp_path):
 def test_fake_dataset_is_a_device_check(capsys, tmp_path):
     out = train_in_process(capsys, tmp_path / "nowhere", tmp_path / "run", "--dataset", "fake", "--max-steps", 3)
     assert "dataset fake: 60000 training images (random)" in out
-    assert "device check: --device cpu has nothing to compare against" in out
+    assert "device check: training on the CPU, there is nothing to compare against" in out
     assert not (tmp_path / "nowhere").exists()
 
 
@@ -708,9 +708,10 @@ def test_the_averaged_generator_is_the_ema_of_g():
     ema = vg.EMA(G, decay=0.9)
     expected = {k: v.clone() for k, v in G.state_dict().items()}
     pixels = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
-    for _ in vg.train_epoch(G, D, opt_G, opt_D, pixels, 16, ema=ema):  # 4 steps
+    for step, _ in enumerate(vg.train_epoch(G, D, opt_G, opt_D, pixels, 16, ema=ema), 1):  # 4 steps
+        decay = min(0.9, (1 + step) / (10 + step))  # warming up: 0.18, 0.25, 0.31, 0.36
         for name, value in G.named_parameters():
-            expected[name] = 0.9 * expected[name] + 0.1 * value.detach()
+            expected[name] = decay * expected[name] + (1 - decay) * value.detach()
     averaged = ema.G.state_dict()
     for name, value in G.state_dict().items():
         if "running" in name or "num_batches" in name:  # BatchNorm's statistics: copied
@@ -980,3 +981,16 @@ def test_device_check_names_a_difference_and_exits_1(monkeypatch, capsys, tmp_pa
         vg.device_check(args, torch.device("cpu"), steps=5)
     assert refusal.value.code == 1
     assert "device check failed" in str(refusal.value) and "differs from the CPU's" in str(refusal.value)
+
+
+def test_a_moved_run_resumes_in_its_new_folder_and_machine_flags_are_not_saved(data_root, tmp_path, capsys):
+    old, new = tmp_path / "old", tmp_path / "new"
+    train_in_process(capsys, data_root, old, "--max-steps", 3, "--eval")
+    saved = torch.load(old / "checkpoint.pt", weights_only=True)["args"]
+    assert not {"device", "amp", "compile", "eval", "out_dir", "max_steps"} & set(saved)
+    old.rename(new)
+    code, out, err = run_main(capsys, "--resume", new, "--max-steps", 5)
+    assert code == 0, err
+    assert f"run folder {new}" in out and not old.exists()
+    assert torch.load(new / "checkpoint.pt", weights_only=True)["step"] == 5
+    assert "quality" not in out  # --eval belonged to the first invocation

@@ -8,8 +8,8 @@ from G's fakes, G learns to fool D. At the equilibrium G draws digits D cannot t
     python vanilla_gan.py --resume runs/20261122-101500        # continue a run
     python vanilla_gan.py --generate 64 --checkpoint runs/20261122-101500
 
-Lines 1 to 180 are the whole algorithm: the two networks, one training step, one epoch and sampling,
-using nothing but torch. Below the marked line is the script around it: data, checkpoints, outputs,
+Lines 1 to 185 are the whole algorithm: the two networks, one training step, one epoch and sampling,
+using nothing but torch (and copy). Below the marked line is the script around it: data, checkpoints, outputs,
 the quality report, the command line and main().
 """
 import argparse
@@ -30,6 +30,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import namedtuple
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,21 +111,23 @@ def train_step(G, D, opt_G, opt_D, real, z, amp=False):
         real_logits, fake_logits = logits[:n].float(), logits[n:].float()
         loss_D = (bce(real_logits, torch.ones_like(real_logits))
                   + bce(fake_logits, torch.zeros_like(fake_logits)))
-    opt_D.zero_grad(set_to_none=True)  # set_to_none: no memset, the backward writes fresh gradients
+    opt_D.zero_grad()
     loss_D.backward()
     opt_D.step()
 
     # G maximises log D(G(z)), the non-saturating loss: minimising log(1 - D(G(z))) instead gives G
-    # no gradient exactly when it is bad and D confident. D is frozen: its weights get no gradient,
-    # only the gradient that flows back through D into G is computed.
+    # no gradient exactly when it is bad and D confident. D is frozen meanwhile, which only saves work:
+    # no gradient for D's weights is computed, just the one that flows back through D into G.
     D.requires_grad_(False)
-    with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=amp):
-        fooled_logits = D(fake).float()  # the updated D judges the same fakes
-        loss_G = bce(fooled_logits, torch.ones_like(fooled_logits))
-    opt_G.zero_grad(set_to_none=True)
-    loss_G.backward()
-    opt_G.step()
-    D.requires_grad_(True)
+    try:
+        with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=amp):
+            fooled_logits = D(fake).float()  # the updated D judges the same fakes
+            loss_G = bce(fooled_logits, torch.ones_like(fooled_logits))
+        opt_G.zero_grad()
+        loss_G.backward()
+        opt_G.step()
+    finally:  # even if interrupted (a notebook's stop button), D must not stay frozen
+        D.requires_grad_(True)
 
     # D(x) and D(G(z)) as probabilities: at the equilibrium both are 0.5.
     return torch.stack([loss_D, loss_G, torch.sigmoid(real_logits).mean(),
@@ -136,12 +139,16 @@ class EMA:
     no part in the game: it is what we sample from, steadier than the last step's G in the oscillating game."""
 
     def __init__(self, G, decay=0.999):
-        self.G, self.decay = copy.deepcopy(G).requires_grad_(False), decay
+        self.G, self.decay, self.steps = copy.deepcopy(G).requires_grad_(False), decay, 0
 
     @torch.no_grad()
     def update(self, G):
+        self.steps += 1
+        # Warm-up: early on, average over roughly the steps so far. A fixed 0.999 would still hold 63%
+        # of the random initial weights after 1,000 steps.
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
         # w_avg <- w_avg + (1 - decay) (w - w_avg): one fused kernel over all the weights, no Python loop
-        torch._foreach_lerp_(list(self.G.parameters()), list(G.parameters()), 1 - self.decay)
+        torch._foreach_lerp_(list(self.G.parameters()), list(G.parameters()), 1 - decay)
         for averaged, live in zip(self.G.buffers(), G.buffers()):  # BatchNorm's running statistics:
             averaged.copy_(live)  # copied, not averaged
 
@@ -151,16 +158,16 @@ def to_unit_range(pixels):
     return pixels.float().div_(127.5).sub_(1.0).unsqueeze(1)
 
 
-def train_epoch(G, D, opt_G, opt_D, pixels, batch_size, order=None, first_batch=0, amp=False, ema=None):
+def train_epoch(G, D, opt_G, opt_D, pixels, batch_size, order=None, amp=False, ema=None):
     """One pass over `pixels`, the whole training set as one uint8 tensor (N, 28, 28) on the training
-    device, in batches taken in `order` (default: a fresh random one) from `first_batch` on, updating
-    the EMA of G after each step if one is given. It yields each step's [Loss_D, Loss_G, D(x),
-    D(G(z))]; the caller decides when to log, save or stop."""
+    device, in batches of the image indices in `order` (default: a fresh random permutation),
+    updating the EMA of G after each step if one is given. It yields each step's [Loss_D, Loss_G,
+    D(x), D(G(z))]; the caller decides when to log, save or stop."""
     if order is None:
         order = torch.randperm(len(pixels), device=pixels.device)
     # Full batches only, so every step has one shape. A batch is an index slice of a tensor already on
     # the device, scaled as it is drawn: no DataLoader, no per-image transforms.
-    for start in range(first_batch * batch_size, len(pixels) - batch_size + 1, batch_size):
+    for start in range(0, len(order) - batch_size + 1, batch_size):
         real = to_unit_range(pixels[order[start:start + batch_size]])
         z = torch.randn(batch_size, G.latent_dim, device=pixels.device)
         stats = train_step(G, D, opt_G, opt_D, real, z, amp)
@@ -169,11 +176,12 @@ def train_epoch(G, D, opt_G, opt_D, pixels, batch_size, order=None, first_batch=
         yield stats
 
 
-@torch.inference_mode()  # no autograd bookkeeping while sampling
+@torch.no_grad()  # no autograd bookkeeping while sampling
 def sample(G, z):
     """G in eval mode: BatchNorm uses its running statistics, so an image depends on its own z alone."""
     was_training = G.training
-    images = G.eval()(z).float()
+    G.eval()
+    images = G(z)
     G.train(was_training)
     return images
 
@@ -293,8 +301,10 @@ def remove_empty_folders(path, keep):
 # ---- Checkpoints: the run, its folder, atomic saves and safe loads ------------------------------
 
 FORMAT, FORMAT_VERSION = "vanilla_gan", 2  # written into every file we save, checked on load
-# Flags about one invocation, not about the run: a checkpoint does not keep them.
-INVOCATION_FLAGS = {"config", "max_steps", "resume", "debug", "generate", "checkpoint", "out", "nrow"}
+# Flags about one invocation or one machine, not about the run: a checkpoint does not keep them. (The
+# run's folder is where its checkpoint is, wherever it has been moved.)
+INVOCATION_FLAGS = {"config", "max_steps", "resume", "debug", "generate", "checkpoint", "out", "nrow", "out_dir",
+                    "device", "amp", "compile", "eval"}
 
 
 @dataclass
@@ -321,7 +331,7 @@ class Run:
         return self.ema.G if self.ema else self.G
 
 
-POSITION = ("epoch", "batch", "step", "order", "fixed_noise", "metrics", "quality")
+RUN_FIELDS = ("epoch", "batch", "step", "order", "fixed_noise", "metrics", "quality")  # saved as they are
 
 
 def new_run(args, device):
@@ -345,16 +355,17 @@ def restore(args, device, checkpoint):
     run.D.load_state_dict(checkpoint["discriminator"])
     if run.ema:
         run.ema.G.load_state_dict(checkpoint["generator_avg"])
+        run.ema.steps = checkpoint["step"]  # one EMA update per step
     for optimizer, name in ((run.opt_G, "opt_G"), (run.opt_D, "opt_D")):
         optimizer.load_state_dict(checkpoint[name])
         for group in optimizer.param_groups:
             group["lr"], group["betas"] = args.lr, (args.beta1, args.beta2)
-    for name in POSITION:
+    for name in RUN_FIELDS:
         value = checkpoint[name]
         setattr(run, name, value.to(device) if isinstance(value, torch.Tensor) else value)
     torch.set_rng_state(checkpoint["rng"]["cpu"])
     if device.type == "cuda" and "cuda" in checkpoint["rng"]:
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
     run.saved_step = run.step
     return run
 
@@ -369,14 +380,14 @@ def file_header(kind, args=None):
 
 def save_checkpoint(run_dir, args, run):
     rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
+    if run.fixed_noise.device.type == "cuda":  # the training GPU's own generator, for dropout's masks
+        rng["cuda"] = torch.cuda.get_rng_state(run.fixed_noise.device)
     flags = {name: value for name, value in vars(args).items() if name not in INVOCATION_FLAGS}
     networks = {"generator": run.G.state_dict(), "discriminator": run.D.state_dict(),
                 "generator_avg": run.ema.G.state_dict() if run.ema else None,
                 "opt_G": run.opt_G.state_dict(), "opt_D": run.opt_D.state_dict()}
     save_atomically({**file_header("checkpoint", args), "args": flags, "rng": rng, **networks,
-                     **{name: getattr(run, name) for name in POSITION}}, run_dir / "checkpoint.pt")
+                     **{name: getattr(run, name) for name in RUN_FIELDS}}, run_dir / "checkpoint.pt")
     run.saved_step = run.step
     save_atomically({**file_header("generator", args), "generator": run.sampler.state_dict()},
                     run_dir / "generator.pt")
@@ -406,7 +417,9 @@ def save_atomically(obj, path):
 def load_file(path, device, kind=None):
     """One of our files, loaded with weights_only=True: a pickle that would build objects is refused."""
     path = Path(path)
-    path = path / "checkpoint.pt" if path.is_dir() else path
+    if path.is_dir():  # a run folder: its checkpoint, or for generating, its generator if that is all
+        names = ["checkpoint.pt"] if kind == "checkpoint" else ["checkpoint.pt", "generator.pt"]
+        path = next((path / name for name in names if (path / name).is_file()), path / names[0])
     if not path.is_file():
         raise GanError(f"no checkpoint at {path}")
     with open(path, "rb") as f:
@@ -426,7 +439,7 @@ def load_file(path, device, kind=None):
         raise GanError(f"{path} was written by an incompatible version of this script "
                        f"(format {data.get('version')}, this script reads {FORMAT_VERSION})")
     if kind == "checkpoint" and data.get("kind") != kind:
-        raise GanError(f"{path} holds only a generator; --resume needs the run's checkpoint.pt")
+        raise GanError(f"{path} holds a {data.get('kind')}, not a whole run; --resume needs the run's checkpoint.pt")
     return path, data
 
 
@@ -435,6 +448,10 @@ def run_folder(out_dir, resuming):
     """The run folder: created for a new run, and removed again if nothing was saved in it."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(out_dir or Path("runs") / stamp).resolve()
+    for n in range(2, 100) if out_dir is None else ():  # two runs started in the same second
+        if not run_dir.exists():
+            break
+        run_dir = run_dir.with_name(f"{stamp}-{n}")
     existing = first_existing(run_dir)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise GanError(f"cannot write to the run folder {run_dir} ({existing} is not a writable folder); "
@@ -490,11 +507,14 @@ def save_grid(images, path, nrow=8):
 
 
 def write_rows(path, fields, rows):
-    """The whole CSV file, rewritten with each checkpoint: it never holds steps the checkpoint lacks."""
-    with open(path, "w", newline="") as f:
+    """The whole CSV file, rewritten (atomically) with each checkpoint: it never holds steps the
+    checkpoint lacks."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def plot_losses(rows, quality, steps_per_epoch, path):
@@ -567,7 +587,7 @@ def train_classifier(images, labels, device, epochs=3, batch_size=128):
         for index in torch.randperm(len(images), device=device).split(batch_size):
             logits = model.head(model.features(to_unit_range(images[index])))
             loss = nn.functional.cross_entropy(logits, labels[index])
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
@@ -776,9 +796,10 @@ def parse_args(argv):
     typed. Returns (args, the checkpoint to resume or None)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    checkpoint = load_file(args.resume, "cpu", kind="checkpoint")[1] if args.resume else None
-    if checkpoint:
-        parser.set_defaults(**checkpoint["args"])
+    checkpoint = None
+    if args.resume:
+        path, checkpoint = load_file(args.resume, "cpu", kind="checkpoint")
+        parser.set_defaults(**{**checkpoint["args"], "out_dir": str(path.parent.resolve())})
     parser.set_defaults(**CONFIGS.get(args.config, {}))
     args = parser.parse_args(argv)
     if checkpoint:
@@ -786,11 +807,13 @@ def parse_args(argv):
         changed = [f"--{name.replace('_', '-')}" for name in RUN_IDENTITY if getattr(args, name) != saved[name]]
         if changed:
             many = len(changed) > 1
-            raise GanError(f"{', '.join(changed)} {'differ' if many else 'differs'} from the checkpoint's; a "
-                           f"resumed run keeps its model, data and batch order: drop {'them' if many else 'it'}, "
+            flags = f"--config {args.config} sets {', '.join(changed)}, which" if args.config else ", ".join(changed)
+            raise GanError(f"{flags} {'differ' if many else 'differs'} from the checkpoint's; a resumed run keeps "
+                           f"its model, data and batch order: drop {'them' if many and not args.config else 'it'}, "
                            "or start a new run", code=2)
-        if Path(args.out_dir).resolve() != Path(saved["out_dir"]):
-            raise GanError(f"--out-dir differs from the resumed run's folder {saved['out_dir']}; drop it", code=2)
+        if Path(args.out_dir).resolve() != path.parent.resolve():
+            raise GanError(f"--out-dir differs from the resumed run's folder {path.parent.resolve()}; drop it",
+                           code=2)
     typed = [name for name in vars(args) if getattr(args, name) != parser.get_default(name)]
     stray = [name for name in typed if name not in GENERATE_FLAGS] if args.generate else \
             [name for name in typed if name in ("checkpoint", "out", "nrow")]
@@ -801,7 +824,8 @@ def parse_args(argv):
     if args.generate and args.checkpoint is None:
         raise GanError("--generate needs --checkpoint PATH (a run folder, generator.pt or checkpoint.pt)", code=2)
     if args.dataset == "fake" and (args.eval or args.eval_every):
-        raise GanError("no quality report exists for random data (--dataset fake): drop --eval", code=2)
+        raise GanError("no quality report exists for random data (--dataset fake): drop --eval and --eval-every",
+                       code=2)
     return args, checkpoint
 
 
@@ -828,6 +852,7 @@ def amp_by_default(device):
 
 # ---- main: train, generate, one-line errors -----------------------------------------------------
 
+Clock = namedtuple("Clock", "time step")  # a moment of the run, to measure images per second from
 DIVERGED = 100.0  # a BCE loss this large means logits beyond +-100: D's sigmoid is saturated for good
 # Float32 sums taken in another order differ by about 1e-7 relative; 20 steps of the game, and Adam's
 # normalised updates where a gradient is near 0, grow that to about 1e-5. A wrong kernel errs by ~1.
@@ -865,8 +890,10 @@ def device_check(args, device, steps=20):
             torch.manual_seed(args.seed)
             # Every random input is drawn once, on the CPU; dropout, whose masks are random, is off.
             nets = Generator(**generator_args(args)), Discriminator(args.d_hidden, dropout=0)
-            pixels, z = load_dataset("fake", None)[0], torch.randn(steps, args.batch_size, args.latent_dim)
-            results = [run_steps(nets, pixels, z, args, where) for where in (device, torch.device("cpu"))]
+            pixels = load_dataset("fake", None)[0]
+            batches = torch.randint(len(pixels), (steps, args.batch_size))  # image indices, step by step
+            z = torch.randn(steps, args.batch_size, args.latent_dim)
+            results = [run_steps(nets, pixels[batches], z, args, where) for where in (device, torch.device("cpu"))]
     finally:
         torch.set_float32_matmul_precision(precision)
     (on_device, _), (on_cpu, seconds) = results
@@ -885,15 +912,15 @@ def relative_difference(a, b):
     return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
 
 
-def run_steps(nets, pixels, z, args, device):
-    """Train copies of `nets` on `device` for len(z) steps. Returns ({name: tensor} of the losses and
-    every weight afterwards, on the CPU; the seconds the steps took)."""
+def run_steps(nets, batches, z, args, device):
+    """Train copies of `nets` on `device` on the uint8 batches (steps, batch size, 28, 28) with the noise
+    z. Returns ({name: tensor} of the losses and every weight afterwards, on the CPU; the seconds the
+    steps took)."""
     G, D = (copy.deepcopy(net).to(device) for net in nets)
     opt_G, opt_D = (make_optimizer(net, args.lr, (args.beta1, args.beta2)) for net in (G, D))
     start, stats = time.perf_counter(), []
-    for i, noise in enumerate(z):
-        real = to_unit_range(pixels[i * args.batch_size:(i + 1) * args.batch_size].to(device))
-        stats.append(train_step(G, D, opt_G, opt_D, real, noise.to(device)))
+    for batch, noise in zip(batches, z):
+        stats.append(train_step(G, D, opt_G, opt_D, to_unit_range(batch.to(device)), noise.to(device)))
     results = {"the losses": torch.stack(stats).cpu()}  # .cpu() waits for the device: the timing is complete
     seconds = time.perf_counter() - start
     for net in (G, D):
@@ -919,24 +946,25 @@ def train(args, run_dir, device, checkpoint):
     print_banner(args, device, run_dir, len(pixels), run)
     checked_device = None
     if args.dataset == "fake" and device.type == "cpu":
-        print("device check: --device cpu has nothing to compare against; training on random images")
+        print("device check: training on the CPU, there is nothing to compare against; training on random images")
     elif args.dataset == "fake":
         checked_device = device_check(args, device)
         print(f"device check: {device} matches the CPU to {checked_device[0]:.0e} over 20 steps; training on")
     # Compiled wrappers train; G and D themselves are saved, so their state_dict keys stay plain.
     G, D = (torch.compile(run.G), torch.compile(run.D)) if args.compile else (run.G, run.D)
-    start = logged = (time.perf_counter(), run.step)
+    start = logged = Clock(time.perf_counter(), run.step)
     try:
         with StopRequest() as stop:
             while run.step < last_step and stop.signal is None:
                 if run.batch == 0:  # a fresh batch order each epoch; a resumed epoch keeps its own
                     run.order = torch.randperm(len(pixels), device=device)
                 sums, first_step, epoch_start = torch.zeros(4, device=device), run.step, time.perf_counter()
-                steps = train_epoch(G, D, run.opt_G, run.opt_D, pixels, args.batch_size, run.order, run.batch,
-                                    args.amp, run.ema)
-                for stats in steps:
+                rest_of_epoch = run.order[run.batch * args.batch_size:]  # all of it, unless resumed mid-epoch
+                for stats in train_epoch(G, D, run.opt_G, run.opt_D, pixels, args.batch_size, rest_of_epoch,
+                                         args.amp, run.ema):
                     sums += stats  # summed on the device: no host sync on steps that do not log
-                    run.batch, run.step = run.batch + 1, run.step + 1
+                    run.batch += 1
+                    run.step += 1
                     if run.step % args.log_every == 0:  # .tolist() waits for the device: only here
                         logged = log_step(run, args, steps_per_epoch, stats.tolist(), logged)
                     if args.sample_every and run.step % args.sample_every == 0:
@@ -949,7 +977,7 @@ def train(args, run_dir, device, checkpoint):
                 completed = run.batch == steps_per_epoch
                 if completed:
                     run.epoch, run.batch = run.epoch + 1, 0
-                eta = (time.perf_counter() - start[0]) / (run.step - start[1]) * (last_step - run.step)
+                eta = (time.perf_counter() - start.time) / (run.step - start.step) * (last_step - run.step)
                 status = "done" if completed else "stopped early"
                 print(f"epoch {run.epoch + (not completed)}/{args.epochs} {status}: mean {format_stats(means)}  "
                       f"{time.perf_counter() - epoch_start:.1f}s ({run.step - first_step} steps)  "
@@ -960,10 +988,10 @@ def train(args, run_dir, device, checkpoint):
                  f"the checkpoint holds step {run.saved_step}; to resume: {resume_command(run_dir)}")
         raise GanError(f"aborted at step {run.step}: {saved}", code=130) from None
     if checked_device and not stop.signal:
-        rate = (run.step - start[1]) * args.batch_size / (time.perf_counter() - start[0])
+        rate = (run.step - start.step) * args.batch_size / (time.perf_counter() - start.time)
         print(f"device check passed: {device} ({device_label(device)}) matches the CPU to "
               f"{checked_device[0]:.0e}; {rate:,.0f} img/s, {rate / checked_device[1]:.0f}x this CPU")
-    del pixels  # freed first: matplotlib's memory never adds to the training's peak
+    del pixels  # freed before matplotlib loads, which reuses that memory: the plot never raises the peak
     plot_losses(run.metrics, run.quality, steps_per_epoch, run_dir / "losses.png")
     save_progress_gif(run_dir / "samples")
     return (128 + stop.signal if stop.signal else 0), run  # 130 for SIGINT, 143 for SIGTERM
@@ -985,15 +1013,15 @@ def save_progress(run, args, run_dir, judge, completed, last):
 
 
 def log_step(run, args, steps_per_epoch, stats, logged):
-    """The monitoring line, and its row for metrics.csv. Returns the (time, step) of this log."""
+    """The monitoring line, and its row for metrics.csv. Returns the Clock of this log."""
     now = time.perf_counter()
-    rate = (run.step - logged[1]) * args.batch_size / (now - logged[0])
+    rate = (run.step - logged.step) * args.batch_size / (now - logged.time)
     check_sane(dict(zip(STATS[:2], stats[:2])), run)
     run.metrics.append({"epoch": run.epoch + 1, "step": run.step, **dict(zip(STATS, stats)),
                         "images_per_s": rate})
     print(f"[{run.epoch + 1}/{args.epochs}][{run.batch}/{steps_per_epoch}] step {run.step}  "
           f"{format_stats(stats)}  {rate:,.0f} img/s", flush=True)
-    return now, run.step
+    return Clock(now, run.step)
 
 
 def format_stats(stats):
@@ -1068,6 +1096,8 @@ def generate(args):
     except OSError as e:
         raise GanError(f"cannot write {out}: {e.strerror or e}") from e
     print(f"wrote {args.generate} images to {out.resolve()}")
+    if args.eval and saved["dataset"] == "fake":
+        raise GanError(f"{path} was trained on random data (--dataset fake): no quality report exists for it")
     if args.eval:
         QualityJudge(saved["dataset"], args.data_dir, device)(G)
     return 0
