@@ -8,7 +8,7 @@ from G's fakes, G learns to fool D. At the equilibrium G draws digits D cannot t
     python vanilla_gan.py --resume runs/20261122-101500        # continue a run
     python vanilla_gan.py --generate 64 --checkpoint runs/20261122-101500
 
-Lines 1 to 185 are the whole algorithm: the two networks, one training step, one epoch and sampling,
+Lines 1 to 188 are the whole algorithm: the two networks, one training step, one epoch and sampling,
 using nothing but torch (and copy). Below the marked line is the script around it: data, checkpoints, outputs,
 the quality report, the command line and main().
 """
