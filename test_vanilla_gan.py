@@ -10,7 +10,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -290,7 +289,8 @@ def test_resume_is_exact(data_root, tmp_path, capsys):
         assert all(torch.equal(a[net][k], b[net][k]) for k in a[net])
     assert losses(straight) == losses(split) and len(losses(split)) == 16
     assert all(torch.equal(a["generator_avg"][k], b["generator_avg"][k]) for k in a["generator_avg"])
-    assert sorted(p.name for p in (split / "samples").iterdir()) == ["epoch_001.png", "epoch_002.png", "progress.gif"]
+    grids = sorted(p.name for p in (split / "samples").iterdir())
+    assert grids == ["epoch_001.png", "epoch_002.png", "progress.gif"]
 
 
 def test_resume_refuses_model_changes_and_honours_training_flags(data_root, tmp_path, capsys):
@@ -500,8 +500,8 @@ def test_speed_options_train(capsys, data_root, tmp_path, flags):
 @pytest.mark.parametrize("name", list(vg.CONFIGS))
 def test_each_config_trains_and_generates_without_flags(capsys, data_root, tmp_path, name):
     run = tmp_path / "run"
-    code, out, err = run_main(capsys, "--config", name, "--data-dir", data_root, "--out-dir", run, "--max-steps", 3,
-                              "--device", "cpu")
+    code, out, err = run_main(capsys, "--config", name, "--data-dir", data_root, "--out-dir", run,
+                              "--max-steps", 3, "--device", "cpu")
     assert code == 0, err
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     for flag, value in vg.CONFIGS[name].items():
@@ -670,10 +670,12 @@ def test_classifier_is_cached_reused_and_retrained_when_damaged(tmp_path, capsys
     assert "training a classifier" in capsys.readouterr().out
     assert vg.load_file(cache, cpu)[1]["kind"] == "classifier"  # the damaged cache was replaced
     other = write_labelled_dataset(tmp_path / "other", n_train=500, n_test=90)  # other data, other cache
-    vg.load_classifier("mnist", vg.load_dataset("mnist", other), vg.load_dataset("mnist", other, train=False), cpu)
+    other_splits = vg.load_dataset("mnist", other), vg.load_dataset("mnist", other, train=False)
+    vg.load_classifier("mnist", *other_splits, cpu)
     assert "training a classifier" in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # e.g. matplotlib's "no artists": an empty FID panel
 def test_eval_during_training_writes_quality_csv_and_a_plot_panel(tmp_path, capsys):
     root, run = write_labelled_dataset(tmp_path / "data", n_train=512, n_test=100), tmp_path / "run"
     out = train_in_process(capsys, root, run, "--epochs", 2, "--eval-every", 1, "--eval", "--log-every", 4)
@@ -879,6 +881,9 @@ def test_one_changed_identity_flag_differs(data_root, tmp_path, capsys):
     train_in_process(capsys, data_root, run, "--max-steps", 2)
     code, _, err = run_main(capsys, "--resume", run, "--batch-size", 32)
     assert_refused(code, err, 2, "--batch-size differs from the checkpoint's", "drop it")
+    code, _, err = run_main(capsys, "--resume", run, "--config", "deep")
+    assert_refused(code, err, 2, "--config deep sets --g-hidden, --d-hidden, --g-activation, --d-dropout, which "
+                   "differ from the checkpoint's", "drop it")
 
 
 def test_help_is_a_return_value_and_names_the_run_folder(capsys):

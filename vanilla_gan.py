@@ -439,7 +439,8 @@ def load_file(path, device, kind=None):
         raise GanError(f"{path} was written by an incompatible version of this script "
                        f"(format {data.get('version')}, this script reads {FORMAT_VERSION})")
     if kind == "checkpoint" and data.get("kind") != kind:
-        raise GanError(f"{path} holds a {data.get('kind')}, not a whole run; --resume needs the run's checkpoint.pt")
+        raise GanError(f"{path} holds a {data.get('kind')}, not a whole run; --resume needs the run's "
+                       "checkpoint.pt")
     return path, data
 
 
@@ -526,8 +527,8 @@ def plot_losses(rows, quality, steps_per_epoch, path):
     axes = fig.subplots(1, panels)
     epochs = [row["step"] / steps_per_epoch for row in rows]
     window = max(1, len(rows) // 25)  # the moving average spans a 25th of the run
-    panels_and_equilibria = ((axes[0], ("Loss_D", "Loss_G"), 2 * math.log(2)), (axes[1], ("D(x)", "D(G(z))"), 0.5))
-    for ax, keys, equilibrium in panels_and_equilibria:
+    curves = ((axes[0], ("Loss_D", "Loss_G"), 2 * math.log(2)), (axes[1], ("D(x)", "D(G(z))"), 0.5))
+    for ax, keys, equilibrium in curves:
         for key in keys if rows else ():
             values = torch.tensor([row[key] for row in rows])
             faint = ax.plot(epochs, values, alpha=0.25)[0]
@@ -807,10 +808,11 @@ def parse_args(argv):
         changed = [f"--{name.replace('_', '-')}" for name in RUN_IDENTITY if getattr(args, name) != saved[name]]
         if changed:
             many = len(changed) > 1
-            flags = f"--config {args.config} sets {', '.join(changed)}, which" if args.config else ", ".join(changed)
-            raise GanError(f"{flags} {'differ' if many else 'differs'} from the checkpoint's; a resumed run keeps "
-                           f"its model, data and batch order: drop {'them' if many and not args.config else 'it'}, "
-                           "or start a new run", code=2)
+            flags, drop = ", ".join(changed), "them" if many else "it"
+            if args.config:
+                flags, drop = f"--config {args.config} sets {flags}, which", "it"
+            raise GanError(f"{flags} {'differ' if many else 'differs'} from the checkpoint's; a resumed run "
+                           f"keeps its model, data and batch order: drop {drop}, or start a new run", code=2)
         if Path(args.out_dir).resolve() != path.parent.resolve():
             raise GanError(f"--out-dir differs from the resumed run's folder {path.parent.resolve()}; drop it",
                            code=2)
@@ -893,7 +895,8 @@ def device_check(args, device, steps=20):
             pixels = load_dataset("fake", None)[0]
             batches = torch.randint(len(pixels), (steps, args.batch_size))  # image indices, step by step
             z = torch.randn(steps, args.batch_size, args.latent_dim)
-            results = [run_steps(nets, pixels[batches], z, args, where) for where in (device, torch.device("cpu"))]
+            results = [run_steps(nets, pixels[batches], z, args, where)
+                       for where in (device, torch.device("cpu"))]
     finally:
         torch.set_float32_matmul_precision(precision)
     (on_device, _), (on_cpu, seconds) = results
@@ -901,8 +904,8 @@ def device_check(args, device, steps=20):
     worst = max(differences, key=differences.get)
     if not differences[worst] <= DEVICE_TOLERANCE:  # NaN fails too
         raise GanError(f"device check failed: {worst} on {device} differs from the CPU's by "
-                       f"{differences[worst]:.1e} (relative; the tolerance is {DEVICE_TOLERANCE:g}): this device, "
-                       "its driver or this PyTorch build computes wrongly")
+                       f"{differences[worst]:.1e} (relative; the tolerance is {DEVICE_TOLERANCE:g}): this "
+                       "device, its driver or this PyTorch build computes wrongly")
     return differences[worst], steps * args.batch_size / seconds
 
 
