@@ -559,7 +559,11 @@ def test_fashion_mnist_from_debian_files(capsys, tmp_path):
 def test_fake_dataset_is_a_device_check(capsys, tmp_path):
     out = train_in_process(capsys, tmp_path / "nowhere", tmp_path / "run", "--dataset", "fake", "--max-steps", 3)
     assert "dataset fake: 60000 training images (random)" in out
-    assert "device check: training on the CPU, there is nothing to compare against" in out
+    assert "device check: on the CPU there is nothing to compare against" in out
+    code, _, err = run_main(capsys, "--generate", 4, "--checkpoint", tmp_path / "run", "--eval",
+                            "--out", tmp_path / "x.png")
+    assert_refused(code, err, 1, "trained on random data", "no quality report")
+    assert not (tmp_path / "x.png").exists()  # refused before any work
     assert not (tmp_path / "nowhere").exists()
 
 

@@ -949,7 +949,7 @@ def train(args, run_dir, device, checkpoint):
     print_banner(args, device, run_dir, len(pixels), run)
     checked_device = None
     if args.dataset == "fake" and device.type == "cpu":
-        print("device check: training on the CPU, there is nothing to compare against; training on random images")
+        print("device check: on the CPU there is nothing to compare against; training on random images")
     elif args.dataset == "fake":
         checked_device = device_check(args, device)
         print(f"device check: {device} matches the CPU to {checked_device[0]:.0e} over 20 steps; training on")
@@ -981,8 +981,8 @@ def train(args, run_dir, device, checkpoint):
                 if completed:
                     run.epoch, run.batch = run.epoch + 1, 0
                 eta = (time.perf_counter() - start.time) / (run.step - start.step) * (last_step - run.step)
-                status = "done" if completed else "stopped early"
-                print(f"epoch {run.epoch + (not completed)}/{args.epochs} {status}: mean {format_stats(means)}  "
+                epoch, status = (run.epoch, "done") if completed else (run.epoch + 1, "stopped early")
+                print(f"epoch {epoch}/{args.epochs} {status}: mean {format_stats(means)}  "
                       f"{time.perf_counter() - epoch_start:.1f}s ({run.step - first_step} steps)  "
                       f"ETA {datetime.timedelta(seconds=round(eta))}", flush=True)
                 save_progress(run, args, run_dir, judge, completed, last=run.step >= last_step)
@@ -1089,18 +1089,21 @@ def generate(args):
         G.load_state_dict(saved.get("generator_avg") or saved["generator"])  # the averaged G, if any
     except (KeyError, TypeError, RuntimeError) as e:
         raise GanError(f"{path} does not hold a generator this script can rebuild ({e})") from e
+    if args.eval and saved["dataset"] == "fake":
+        raise GanError(f"{path} was trained on random data (--dataset fake): no quality report exists for it")
     torch.manual_seed(args.seed)
     images = torch.empty(args.generate, *IMAGE_SHAPE)
     for chunk in images.split(10_000):  # a chunk at a time: memory is the output plus one chunk
         chunk.copy_(sample(G, torch.randn(len(chunk), G.latent_dim, device=device)))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_atomically(images, out) if out.suffix == ".pt" else save_grid(images, out, nrow=args.nrow)
+        if out.suffix == ".pt":
+            save_atomically(images, out)
+        else:
+            save_grid(images, out, nrow=args.nrow)
     except OSError as e:
         raise GanError(f"cannot write {out}: {e.strerror or e}") from e
     print(f"wrote {args.generate} images to {out.resolve()}")
-    if args.eval and saved["dataset"] == "fake":
-        raise GanError(f"{path} was trained on random data (--dataset fake): no quality report exists for it")
     if args.eval:
         QualityJudge(saved["dataset"], args.data_dir, device)(G)
     return 0
@@ -1136,13 +1139,17 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C before training started, or after it ended
         print("aborted; files already saved are intact", file=sys.stderr)
         return 130
-    except Exception as e:
+    except GanError as e:
         if "--debug" in argv:
             raise
-        unforeseen = "" if isinstance(e, GanError) else f"{type(e).__name__}: "  # still one line
-        hint = "" if isinstance(e, GanError) else " (run again with --debug to see where)"
-        print(f"vanilla_gan.py: error: {unforeseen}{e}{hint}", file=sys.stderr)
-        return getattr(e, "code", 1)
+        print(f"vanilla_gan.py: error: {e}", file=sys.stderr)
+        return e.code
+    except Exception as e:  # nothing we foresaw: still one line, the traceback on request
+        if "--debug" in argv:
+            raise
+        print(f"vanilla_gan.py: error: {type(e).__name__}: {e} (run again with --debug to see where)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
