@@ -59,6 +59,13 @@ def cli(*args, timeout=240, **popen):
                           timeout=timeout, env=env, **popen)
 
 
+def start_trainer(*args):
+    """The CLI in a subprocess that keeps running: its lines can be read as they come."""
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
 def run_main(capsys, *args):
     """The CLI in this process: no interpreter start-up, same code path below main()."""
     code = vg.main([str(a) for a in args])
@@ -315,10 +322,8 @@ def test_out_dir_with_a_run_is_not_overwritten(data_root, tmp_path, capsys):
 @pytest.mark.parametrize("sig, expected", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_a_checkpoint_and_resume_finishes(data_root, tmp_path, capsys, sig, expected):
     run = tmp_path / "run"
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--data-dir", str(data_root), "--out-dir", str(run),
-                             "--batch-size", "64", "--epochs", "1000", "--log-every", "1", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = start_trainer("--data-dir", data_root, "--out-dir", run, "--batch-size", 64, "--epochs", 1000,
+                         "--log-every", 1, "--device", "cpu")
     for line in proc.stdout:  # wait until training is under way
         if "Loss_D" in line:
             break
@@ -828,9 +833,7 @@ BIG = ["--g-hidden", 2048, 2048, "--d-hidden", 2048, 2048, "--batch-size", 64, "
 def interrupt_twice(*args):
     """A real trainer that gets Ctrl-C once it is under way, and again as soon as it says it is stopping.
     The networks are large, so the second one lands while it finishes its step or saves."""
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = start_trainer(*args)
     for line in proc.stdout:
         if "Loss_D" in line:
             proc.send_signal(signal.SIGINT)
@@ -919,12 +922,6 @@ def test_the_readme_notebook_block_runs_as_written(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # One trainer per run folder; the device check.
 # ---------------------------------------------------------------------------------------------
-
-def start_trainer(*args):
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
 
 def wait_for(proc, text):
     for line in proc.stdout:

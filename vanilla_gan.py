@@ -583,10 +583,11 @@ def train_classifier(images, labels, device, epochs=3, batch_size=128):
     # one-cycle: warm up to 3e-3, then anneal; 99% in a few epochs where a fixed rate needs more
     steps = epochs * math.ceil(len(images) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
-    images, labels = images.to(device), labels.to(device)
+    images, labels, amp = images.to(device), labels.to(device), amp_by_default(device)
     for _ in range(epochs):
         for index in torch.randperm(len(images), device=device).split(batch_size):
-            logits = model.head(model.features(to_unit_range(images[index])))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):  # where it is faster
+                logits = model.head(model.features(to_unit_range(images[index]))).float()
             loss = nn.functional.cross_entropy(logits, labels[index])
             optimizer.zero_grad()
             loss.backward()
