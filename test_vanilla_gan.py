@@ -748,7 +748,7 @@ def test_generator_pt_holds_the_averaged_g_unless_ema_decay_is_0(capsys, data_ro
 
 def test_dropout_in_d_is_active_in_both_updates():
     torch.manual_seed(0)
-    G, D = vg.Generator(), vg.Discriminator(dropout=0.3)
+    G, D = vg.Generator(), vg.Discriminator()  # the default rate, 0.4
     dropped = []
     first_dropout = next(m for m in D.modules() if isinstance(m, torch.nn.Dropout))
     first_dropout.register_forward_hook(lambda m, inputs, out: dropped.append(
@@ -756,7 +756,7 @@ def test_dropout_in_d_is_active_in_both_updates():
     vg.train_step(G, D, vg.make_optimizer(G), vg.make_optimizer(D), torch.rand(64, 1, 28, 28) * 2 - 1,
                   torch.randn(64, 100))
     assert len(dropped) == 2  # the D update's pass and the G update's pass
-    assert all(0.2 < share < 0.4 for share in dropped), dropped
+    assert all(0.3 < share < 0.5 for share in dropped), dropped
     assert not any(isinstance(m, torch.nn.Dropout) for m in vg.Discriminator(dropout=0).modules())
 
 

@@ -76,7 +76,7 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """Images (N, 1, 28, 28) -> one logit each, log(p / (1 - p)) for p = P(real): above 0 means 'real'."""
 
-    def __init__(self, hidden=(512, 256), dropout=0.3):
+    def __init__(self, hidden=(512, 256), dropout=0.4):
         super().__init__()
         # LeakyReLU(0.2) keeps a gradient for negative inputs, so D never goes silent on G.
         # Dropout makes D a noisier, slower critic that cannot memorise the real digits, so G keeps
@@ -767,7 +767,7 @@ def build_parser():
     model.add_argument("--g-activation", choices=list(ACTIVATIONS), default="leakyrelu",
                        help="G's hidden activation")
     model.add_argument("--g-batchnorm", action="store_true", help="BatchNorm1d after each hidden Linear of G")
-    model.add_argument("--d-dropout", type=unit_interval, default=0.3,
+    model.add_argument("--d-dropout", type=unit_interval, default=0.4,
                        help="Dropout after each hidden layer of D (0: none)")
     model.add_argument("--ema-decay", type=unit_interval, default=0.999,
                        help="sample from an average of G's weights with this decay (0: from G itself)")
