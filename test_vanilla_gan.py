@@ -68,7 +68,7 @@ def start_trainer(*args):
 
 def run_main(capsys, *args):
     """The CLI in this process: no interpreter start-up, same code path below main()."""
-    code = vg.main([str(a) for a in args])
+    code = vg.main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -324,9 +324,7 @@ def test_signal_saves_a_checkpoint_and_resume_finishes(data_root, tmp_path, caps
     run = tmp_path / "run"
     proc = start_trainer("--data-dir", data_root, "--out-dir", run, "--batch-size", 64, "--epochs", 1000,
                          "--log-every", 1, "--device", "cpu")
-    for line in proc.stdout:  # wait until training is under way
-        if "Loss_D" in line:
-            break
+    wait_for(proc, "Loss_D")  # training is under way
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == expected, err
