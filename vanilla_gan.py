@@ -39,7 +39,7 @@ def mlp(widths, activation, batchnorm=False, dropout=0.0):
 class Generator(nn.Module):
     """Noise z (N, latent_dim) -> images (N, 1, 28, 28) in [-1, 1]."""
 
-    def __init__(self, latent_dim=100, hidden=(256, 512), activation="leakyrelu", batchnorm=False):
+    def __init__(self, latent_dim=100, hidden=(256, 512, 1024), activation="leakyrelu", batchnorm=False):
         super().__init__()
         self.latent_dim = latent_dim
         # Tanh squashes the output into [-1, 1], the range of the rescaled data.
@@ -52,7 +52,7 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """Images (N, 1, 28, 28) -> one logit each, log(p / (1 - p)) for p = P(real): above 0 means 'real'."""
 
-    def __init__(self, hidden=(512, 256), dropout=0.4):
+    def __init__(self, hidden=(512, 256), dropout=0.3):
         super().__init__()
         # LeakyReLU(0.2) keeps a gradient for negative inputs, so D never goes silent on G.
         # Dropout makes D a noisier, slower critic that cannot memorise the real digits, so G keeps
@@ -392,6 +392,7 @@ def report_quality(images, dataset, data_dir, device):
 # ---- The command line -----------------------------------------------------------------------------
 # Classic setups, one flag away: --config NAME makes these the defaults; flags typed beside it win.
 CONFIGS = {
+    "classic": dict(g_hidden=[256, 512], d_hidden=[512, 256], d_dropout=0.0, batch_size=128, epochs=50),
     "minimal": dict(g_hidden=[128], g_activation="relu", d_hidden=[128], d_dropout=0.0, batch_size=64, epochs=100),
     "deep": dict(g_hidden=[256, 512, 1024], g_activation="relu", d_hidden=[1024, 512, 256], d_dropout=0.0, epochs=20),
     "batchnorm": dict(g_hidden=[128, 256, 512, 1024], g_activation="relu", g_batchnorm=True, d_hidden=[1024, 512, 256],
@@ -428,15 +429,15 @@ def build_parser():
     p.add_argument("--dataset", choices=DATASETS, default="mnist", help="fake: random pixels, no files")
     p.add_argument("--data-dir", default="data", help="the folder holding MNIST/raw/ (downloaded if missing)")
     p.add_argument("--latent-dim", type=positive_int, default=100, help="size of the noise vector z")
-    p.add_argument("--g-hidden", type=positive_int, nargs="+", default=[256, 512], help="G's hidden widths")
+    p.add_argument("--g-hidden", type=positive_int, nargs="+", default=[256, 512, 1024], help="G's hidden widths")
     p.add_argument("--g-activation", choices=ACTIVATIONS, default="leakyrelu", help="G's hidden activation")
     p.add_argument("--g-batchnorm", action="store_true", help="BatchNorm1d after each hidden layer of G")
     p.add_argument("--d-hidden", type=positive_int, nargs="+", default=[512, 256], help="D's hidden widths")
-    p.add_argument("--d-dropout", type=fraction, default=0.4, help="Dropout after each hidden layer of D")
+    p.add_argument("--d-dropout", type=fraction, default=0.3, help="Dropout after each hidden layer of D")
     p.add_argument("--ema-decay", type=fraction, default=0.999, help="sample from G's average (0: G itself)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="real images per step")
     p.add_argument("--lr", type=positive_float, default=2e-4, help="Adam's learning rate, both networks")
-    p.add_argument("--out-dir", help="the run folder (default: runs/<date-time>)")
+    p.add_argument("--out-dir", help="the run folder; if not given, a new runs/<date-time>")
     p.add_argument("--log-every", type=positive_int, default=100, help="print and record every N steps")
     p.add_argument("--eval", action="store_true", help="FID and class shares after training, or of --generate's")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (or its checkpoint.pt)")
