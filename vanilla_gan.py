@@ -199,7 +199,7 @@ NETWORKS = ("G", "D", "opt_G", "opt_D")  # Run fields saved as their state_dict(
 @dataclass
 class Run:
     """A training run: networks, optimisers and where training stands. checkpoint.pt holds all of it
-    and the random number generators' states, so a resumed run continues exactly."""
+    and the CPU's and CUDA's random number states, so a resumed run continues exactly there."""
     G: Generator
     D: Discriminator
     opt_G: torch.optim.Optimizer
@@ -317,7 +317,7 @@ def plot_losses(rows, steps_per_epoch, path):
     """The game at a glance: the losses and D's outputs by epoch, the equilibrium dashed."""
     from matplotlib.figure import Figure  # the object API: no GUI backend, no global state
     fig = Figure(figsize=(10, 4), layout="constrained")
-    panels = ((STATS[:2], 2 * math.log(2), "losses (Loss_D = 2 ln 2: D can only guess)"),
+    panels = ((STATS[:2], 2 * math.log(2), "losses (D guessing: Loss_D = 2 ln 2, dashed; Loss_G = ln 2)"),
               (STATS[2:], 0.5, "D's mean output (0.5: D can only guess)"))
     for ax, (keys, equilibrium, title) in zip(fig.subplots(1, 2), panels):
         for key in keys:
@@ -341,7 +341,7 @@ def save_progress_gif(samples_dir):
 def train_classifier(images, labels, device, epochs=3, batch_size=128):
     """The judge, a small seeded CNN (99% on MNIST): FID is measured in its last 128 features, as Inception's."""
     with torch.random.fork_rng(devices=[]):  # the GAN's random numbers stay untouched
-        torch.manual_seed(0)
+        torch.default_generator.manual_seed(0)  # the CPU's alone: the judge is drawn there, and fork_rng restores it
         model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                               nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                               nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10)).to(device)
@@ -401,10 +401,10 @@ CONFIGS = {
 
 
 def checked(cast, is_valid, name):
-    """An argparse type: `cast` the text (argparse reports a ValueError), refuse it if not `is_valid`."""
+    """An argparse type: `cast` the text, refuse it if not `is_valid` (a ValueError either way)."""
     def parse(text):
         if not is_valid(value := cast(text)):
-            raise argparse.ArgumentTypeError(f"invalid {name} value: {text!r}")
+            raise ValueError(text)
         return value
     parse.__name__ = name  # argparse's "invalid <name> value"
     return parse
@@ -427,7 +427,7 @@ def build_parser():
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (pays off on CPUs with bf16 instructions)")
     p.add_argument("--seed", type=int, default=42, help="seeds weights, noise, batch order and dropout")
     p.add_argument("--dataset", choices=DATASETS, default="mnist", help="fake: random pixels, no files")
-    p.add_argument("--data-dir", default="data", help="the folder holding MNIST/raw/ (downloaded if missing)")
+    p.add_argument("--data-dir", default="data", help="the folder holding MNIST/raw/ (or the dataset's own folder)")
     p.add_argument("--latent-dim", type=positive_int, default=100, help="size of the noise vector z")
     p.add_argument("--g-hidden", type=positive_int, nargs="+", default=[256, 512, 1024], help="G's hidden widths")
     p.add_argument("--g-activation", choices=ACTIVATIONS, default="leakyrelu", help="G's hidden activation")
