@@ -439,7 +439,7 @@ def build_parser():
     add("--g-batchnorm", action="store_true", help="BatchNorm1d in G's hidden layers")
     add("--d-hidden", type=positive_int, nargs="+", default=[512, 256], help="D's widths")
     add("--d-dropout", type=fraction, default=0.3, help="Dropout in D's hidden layers")
-    add("--ema-decay", type=fraction, default=0.9995, help="of G's average (0: G itself)")
+    add("--ema-decay", type=fraction, default=0.9995, help="decay of G's average (0: G itself)")
     add("--batch-size", type=positive_int, default=128, help="real images per step")
     add("--lr", type=positive_float, default=3e-4, help="Adam's learning rate, both networks")
     add("--out-dir", help="the run folder (None: a new runs/<date-time>)")
@@ -548,7 +548,7 @@ def train(args, loaded):
     """Train to --epochs or --max-steps, or until a stop request; return the exit code."""
     device = pick_device(args.device)
     if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32: tensor cores for float32
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores
     if args.dataset == "fake" and device.type == "cpu":
         print("no device check: the CPU is its reference")
     elif args.dataset == "fake":  # before the run draws random numbers
