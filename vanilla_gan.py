@@ -464,7 +464,7 @@ def parse_args(argv=None):
     if not typed.generate and (typed.checkpoint or typed.out):
         parser.error("--checkpoint and --out go with --generate")
     if typed.generate and typed.eval and typed.generate <= 128:  # for a full-rank covariance
-        parser.error("--eval needs more samples than the judge's 128 features")
+        parser.error("--eval needs 129+ samples: the judge has 128 features")
     loaded = None
     if typed.resume or typed.generate:
         loaded = load_checkpoint(typed.checkpoint or typed.resume)
