@@ -64,7 +64,7 @@ class Discriminator(nn.Module):
 
 def make_optimizer(net, lr=3e-4, betas=(0.5, 0.999)):
     # beta1 = 0.5, not 0.9: shorter momentum, so each network follows the other's latest moves
-    # (Radford et al., 2015). lr 3e-4: the usual 2e-4 needs ~100 epochs for what it gets in 50.
+    # (Radford et al., 2015). lr 3e-4: the usual 2e-4 needs ~100 epochs to match its 50.
     # fused: one kernel for all the weights.
     fused = next(net.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.Adam(net.parameters(), lr=lr, betas=betas, fused=fused)
