@@ -6,10 +6,15 @@ fakes, and G learns to fool it. The GAN comes first; below the marked line, the 
 import argparse
 import contextlib
 import copy
+import csv
+import io
+import json
 import math
 import os
+import re
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,87 +22,105 @@ from pathlib import Path
 import torch
 from torch import nn
 
-IMAGE_SHAPE = (1, 28, 28)  # every image here, with values in [-1, 1]
-ACTIVATIONS = {"leakyrelu": lambda: nn.LeakyReLU(0.2), "relu": nn.ReLU}
+try:
+    import fcntl  # to lock a run folder; Windows has none
+except ImportError:
+    fcntl = None
+
+IMAGE_SHAPE = (1, 28, 28)  # MNIST's channels, height, width
 
 
-def mlp(widths, activation, batchnorm=False, dropout=0.0):
-    """Linear layers; each hidden one followed by (BatchNorm,) the activation (, Dropout)."""
+def mlp(widths, dropout=0.0):
+    """Linear layers through `widths`; after each hidden one,
+    LeakyReLU and Dropout (if asked)."""
     layers = []
     for width_in, width_out in zip(widths[:-2], widths[1:-1]):
         layers.append(nn.Linear(width_in, width_out))
-        if batchnorm:
-            layers.append(nn.BatchNorm1d(width_out))
-        layers.append(ACTIVATIONS[activation]())
+        # LeakyReLU: a gradient for negative inputs too
+        layers.append(nn.LeakyReLU(0.2))
         if dropout:
             layers.append(nn.Dropout(dropout))
     return [*layers, nn.Linear(widths[-2], widths[-1])]
 
 
 class Generator(nn.Module):
-    """Noise z (N, latent_dim) -> images (N, 1, 28, 28) in [-1, 1]."""
+    """Noise z (N, latent_dim) -> images (N, *image_shape) in [-1, 1]."""
 
-    def __init__(self, latent_dim=100, hidden=(256, 512, 1024), activation="leakyrelu",
-                 batchnorm=False):
+    def __init__(self, latent_dim=100, hidden=(256, 512, 1024),
+                 image_shape=IMAGE_SHAPE):
         super().__init__()
         self.latent_dim = latent_dim
-        layers = mlp([latent_dim, *hidden, 28 * 28], activation, batchnorm)
-        self.net = nn.Sequential(*layers, nn.Tanh())  # Tanh: the range of the scaled data
+        self.image_shape = tuple(image_shape)
+        widths = [latent_dim, *hidden, math.prod(image_shape)]
+        # Tanh: the range of the scaled data
+        self.net = nn.Sequential(*mlp(widths), nn.Tanh())
 
     def forward(self, z):
-        return self.net(z).view(-1, *IMAGE_SHAPE)
+        return self.net(z).view(-1, *self.image_shape)
 
 
 class Discriminator(nn.Module):
-    """Images (N, 1, 28, 28) -> one logit each, log(p / (1 - p)) for p = P(real)."""
+    """Images -> one logit each: log(p / (1 - p)), p = P(real)."""
 
-    def __init__(self, hidden=(512, 256), dropout=0.3):
+    def __init__(self, hidden=(512, 256), dropout=0.3,
+                 image_shape=IMAGE_SHAPE):
         super().__init__()
-        # LeakyReLU: a gradient for negative inputs too, so D never goes silent on G. Dropout:
-        # a noisier critic that cannot memorise the digits. No Sigmoid: the loss applies it.
-        layers = mlp([28 * 28, *hidden, 1], "leakyrelu", dropout=dropout)
-        self.net = nn.Sequential(nn.Flatten(), *layers)
+        # Dropout: a noisier critic, slower to memorise the data.
+        # No Sigmoid: the loss takes logits.
+        widths = [math.prod(image_shape), *hidden, 1]
+        self.net = nn.Sequential(nn.Flatten(), *mlp(widths, dropout))
 
     def forward(self, images):
         return self.net(images)
 
 
 def make_optimizer(net, lr=3e-4, betas=(0.5, 0.999)):
-    # beta1 = 0.5, not 0.9: shorter momentum, so each network follows the other's latest moves
-    # (Radford et al., 2015). lr 3e-4: the usual 2e-4 needs ~100 epochs to match its 50.
-    # fused: one kernel for all the weights.
+    # beta1 = 0.5, not 0.9: shorter momentum, so each network
+    # follows the other's latest moves (Radford et al., 2015).
+    # lr 3e-4, not the usual 2e-4: better digits in 50 epochs.
+    # fused: one kernel updates all the weights.
     fused = next(net.parameters()).device.type in ("cpu", "cuda")
-    return torch.optim.Adam(net.parameters(), lr=lr, betas=betas, fused=fused)
+    return torch.optim.Adam(net.parameters(), lr, betas, fused=fused)
 
 
-# BCE of a logit l and a label y: -[y log sigmoid(l) + (1 - y) log(1 - sigmoid(l))].
-# Taking logits keeps it exact where sigmoid(l) would round to 0 or 1 and the log blow up.
+# BCE of a logit l, label y: -[y log s(l) + (1-y) log(1 - s(l))]
+# for the sigmoid s. From logits it stays exact where s(l) rounds
+# to 0 or 1 and the log would blow up.
 bce = nn.BCEWithLogitsLoss()
 
 
 def train_step(G, D, opt_G, opt_D, real, z, amp=False):
-    """One D update, then one G update. Returns [Loss_D, Loss_G, D(x), D(G(z))], left on the
-    device: reading it would make the host wait."""
-    # --amp: products in bfloat16. Off: no autocast at all (torch 2.4 lacks it on MPS).
-    autocast = torch.autocast(real.device.type, torch.bfloat16) if amp else contextlib.nullcontext()
+    """One D update, then one G update. Returns [Loss_D, Loss_G,
+    D(x), D(G(z))] on the device: reading it waits for the step."""
+    # --amp: bfloat16 products. Off: no autocast (MPS may lack it).
+    autocast = contextlib.nullcontext()
+    if amp:
+        autocast = torch.autocast(real.device.type, torch.bfloat16)
     n = len(real)
     with autocast:
         fake = G(z)  # one fake batch serves both updates
-        # D maximises log D(x) + log(1 - D(G(z))). detach(): this update must not reach G.
-        logits = D(torch.cat([real, fake.detach()])).float()  # one pass over both halves
-        real_logits, fake_logits = logits[:n], logits[n:]
-        loss_D = (bce(real_logits, torch.ones_like(real_logits))
-                  + bce(fake_logits, torch.zeros_like(fake_logits)))
-    opt_D.zero_grad()
+        # D maximises log D(x) + log(1 - D(G(z))). detach(): this
+        # update must not reach G. One pass over both halves; two
+        # if D had BatchNorm, which would mix their statistics.
+        logits = D(torch.cat([real, fake.detach()])).float()
+        real_logits = logits[:n]
+        fake_logits = logits[n:]
+        ones = torch.ones_like(real_logits)  # label 1: real
+        zeros = torch.zeros_like(fake_logits)  # label 0: fake
+        loss_D = bce(real_logits, ones) + bce(fake_logits, zeros)
+    opt_D.zero_grad()  # backward() adds to the last step's
     loss_D.backward()
     opt_D.step()
 
-    # G maximises log D(G(z)), the non-saturating loss: minimising log(1 - D(G(z))) gives G
-    # no gradient just when D rejects its fakes. D is frozen: G's gradient flows through it.
+    # G maximises log D(G(z)), the non-saturating loss: minimising
+    # log(1 - D(G(z))) gives G no gradient while D rejects its
+    # fakes. The updated D judges the same fakes (the paper leaves
+    # the order open). Frozen, D passes G its gradient without
+    # computing D's own, which opt_G would not use.
     D.requires_grad_(False)
     try:
         with autocast:
-            fooled_logits = D(fake).float()  # the updated D judges the same fakes
+            fooled_logits = D(fake).float()
             loss_G = bce(fooled_logits, torch.ones_like(fooled_logits))
         opt_G.zero_grad()
         loss_G.backward()
@@ -105,43 +128,50 @@ def train_step(G, D, opt_G, opt_D, real, z, amp=False):
     finally:  # even if interrupted (a notebook's stop button)
         D.requires_grad_(True)
 
-    # D(x) and D(G(z)) as probabilities: both 0.5 at the equilibrium.
-    return torch.stack([loss_D, loss_G, torch.sigmoid(real_logits).mean(),
-                        torch.sigmoid(fake_logits).mean()]).detach()
+    # D(x), D(G(z)): D's mean P(real), 0.5 at the equilibrium
+    d_real = torch.sigmoid(real_logits).mean()
+    d_fake = torch.sigmoid(fake_logits).mean()
+    return torch.stack([loss_D, loss_G, d_real, d_fake]).detach()
 
 
 class EMA:
-    """A moving average of G's weights (Karras et al., 2018). It takes no part in the game;
-    we sample from it: it is steadier than the last step's G."""
+    """A moving average of G's weights (Karras et al., 2018): no
+    part of the game, and steadier than G to sample from."""
 
     def __init__(self, G, decay=0.9995):
-        self.G, self.decay, self.steps = copy.deepcopy(G).requires_grad_(False), decay, 0
+        self.G = copy.deepcopy(G).requires_grad_(False)
+        self.decay = decay
+        self.steps = 0
 
     @torch.no_grad()
     def update(self, G):
         self.steps += 1
-        # Warm-up: early on, average over about the last tenth of the steps, not the start
-        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        # Warm-up: the first weights fade fast. (1 + t) / (10 + t)
+        # is 0.9 at step 80, 0.999 at 8,990, 0.9995 at 17,990.
+        warm_up = (1 + self.steps) / (10 + self.steps)
+        decay = min(self.decay, warm_up)
         for averaged, live in zip(self.G.parameters(), G.parameters()):
-            averaged.lerp_(live, 1 - decay)  # averaged += (1 - decay) (live - averaged)
-        for averaged, live in zip(self.G.buffers(), G.buffers()):
-            averaged.copy_(live)  # BatchNorm's running statistics: copied, not averaged
+            # averaged += (1 - decay) (live - averaged)
+            averaged.lerp_(live, 1 - decay)
 
 
 def to_unit_range(pixels):
-    """uint8 pixels (N, 28, 28) in 0..255 -> floats (N, 1, 28, 28) in [-1, 1]."""
-    return pixels.float().div_(127.5).sub_(1.0).unsqueeze(1)
+    """uint8 pixels in 0..255 -> floats in [-1, 1], Tanh's range."""
+    return pixels.float().div_(127.5).sub_(1.0)  # in place
 
 
-def train_epoch(G, D, opt_G, opt_D, pixels, batch_size, order=None, amp=False, ema=None):
-    """One pass over `pixels`, the uint8 training set on the device, in batches of the indices
-    in `order` (default: a fresh permutation). Yields each step's stats."""
+def train_epoch(G, D, opt_G, opt_D, pixels, batch_size, order=None,
+                amp=False, ema=None):
+    """One pass over `pixels` (uint8, on the device) in batches of
+    `order` (default: a fresh permutation); yields each step's
+    stats. No DataLoader: a batch is an index into `pixels`."""
+    device = pixels.device
     if order is None:
-        order = torch.randperm(len(pixels), device=pixels.device)
-    # Full batches, indexed from a tensor already on the device: no DataLoader, no copies
+        order = torch.randperm(len(pixels), device=device)
+    # Full batches: a partial last one is dropped
     for start in range(0, len(order) - batch_size + 1, batch_size):
         real = to_unit_range(pixels[order[start:start + batch_size]])
-        z = torch.randn(batch_size, G.latent_dim, device=pixels.device)
+        z = torch.randn(batch_size, G.latent_dim, device=device)
         stats = train_step(G, D, opt_G, opt_D, real, z, amp)
         if ema is not None:
             ema.update(G)
@@ -150,7 +180,8 @@ def train_epoch(G, D, opt_G, opt_D, pixels, batch_size, order=None, amp=False, e
 
 @torch.no_grad()
 def sample(G, z):
-    """G in eval mode: BatchNorm uses running statistics, so an image depends on its z alone."""
+    """G in eval mode: no batch statistics (BatchNorm, if any), so
+    an image depends on its z alone."""
     was_training = G.training
     G.eval()
     images = G(z)
@@ -167,38 +198,67 @@ class GanError(Exception):
 
 
 # ---- Data ----
-DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST", "fake": None}
+DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
 
 
 def load_dataset(name, data_dir, train=True):
-    """One split's uint8 images (N, 28, 28) and labels (N,)."""
-    if name == "fake":  # random pixels, the same every run
-        gen = torch.Generator()
-        return torch.randint(0, 256, (60_000, 28, 28), dtype=torch.uint8, generator=gen), None
-    import torchvision
+    """A split's uint8 images (N, 1, 28, 28) and labels (N,)."""
+    import torchvision  # here: --generate does without it
     from torchvision.datasets.utils import check_integrity
     dataset = getattr(torchvision.datasets, DATASETS[name])
     raw = Path(data_dir) / dataset.__name__ / "raw"
+    made = [p for p in (raw, raw.parent, Path(data_dir)) if not p.exists()]
     try:
-        data = dataset(root=data_dir, train=train, download=True)
-    except (OSError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[-1]
-        names = [gz.removesuffix(".gz") for gz, _ in dataset.resources]
-        missing = [file for file in names if not any(raw.glob(f"{file}*"))]  # or its .gz
+        data = dataset(data_dir, train, download=True)
+    except Exception as e:  # AssertionError, ValueError too
+        for folder in made:  # a wrong --data-dir leaves no folder
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        why = [type(e).__name__, *str(e).strip().splitlines()][-1]
+        files = [gz.removesuffix(".gz") for gz, _ in dataset.resources]
+        missing = [f for f in files if not any(raw.glob(f + "*"))]  # a .gz counts
+        if missing:
+            raise GanError(f"{raw} lacks {', '.join(missing)}, and downloading failed "
+                           f"({why}): put them there, or fix --data-dir") from e
         damaged = [gz for gz, md5 in dataset.resources
                    if (raw / gz).exists() and not check_integrity(str(raw / gz), md5)]
-        if damaged or not missing:
-            raise GanError(f"damaged files in {raw}: {', '.join(damaged) or reason}") from e
-        raise GanError(f"{raw} lacks {', '.join(missing)}, and downloading failed ({reason}); "
-                       "put them there, or fix --data-dir") from e
-    return data.data, data.targets
+        raise GanError(f"damaged files in {raw}: {', '.join(damaged) or why}") from e
+    return data.data.unsqueeze(1), data.targets
+
+
+def read_folder(folder, channels, size):
+    """All images under `folder`, uint8, short side scaled to `size`, centre-cropped."""
+    from PIL import Image, ImageOps
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    from torchvision.transforms.functional import pil_to_tensor
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+    if not paths:
+        raise GanError(f"no images in {folder} ({' '.join(IMG_EXTENSIONS)})")
+    print(f"reading {len(paths):,} images", flush=True)
+    start = time.perf_counter()
+    images = []
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image = image.convert({1: "L", 3: "RGB"}[channels])
+        except Exception:  # PIL raises many kinds
+            bad.append(path)
+            continue
+        images.append(pil_to_tensor(ImageOps.fit(image, (size, size))))
+    if not images:
+        raise GanError(f"no image in {folder} can be read, e.g. {bad[0]}")
+    print(f"{len(images):,} images from {folder} in {time.perf_counter() - start:.1f}s")
+    if bad:
+        print(f"{len(bad):,} unreadable, skipped, e.g. {bad[0]}")
+    return torch.stack(images)
 
 
 # ---- Checkpoints ----
-STATS = ("Loss_D", "Loss_G", "D(x)", "D(G(z))")  # what train_step returns
-# The flags a resumed run keeps; SAVED adds those it may change.
-KEPT = {"latent_dim", "g_hidden", "g_activation", "g_batchnorm", "d_hidden", "d_dropout",
-        "ema_decay", "dataset", "batch_size", "seed"}
+STATS = ("Loss_D", "Loss_G", "D(x)", "D(G(z))")  # train_step's
+# The flags a resumed run keeps; SAVED adds those it may change
+KEPT = {"latent_dim", "g_hidden", "d_hidden", "d_dropout", "ema_decay", "dataset",
+        "channels", "image_size", "batch_size", "seed"}
 SAVED = KEPT | {"epochs", "lr", "log_every", "data_dir"}
 NETWORKS = ("G", "D", "opt_G", "opt_D")
 PROGRESS = ("epoch", "step", "order", "done", "fixed_noise", "metrics")
@@ -206,148 +266,206 @@ PROGRESS = ("epoch", "step", "order", "done", "fixed_noise", "metrics")
 
 @dataclass
 class Run:
-    """A training run; checkpoint.pt holds it and the random number states."""
+    """A training run: checkpoint.pt holds it."""
     G: Generator
     D: Discriminator
     opt_G: torch.optim.Optimizer
     opt_D: torch.optim.Optimizer
     ema: EMA  # grids, --generate and --eval sample its G
-    fixed_noise: torch.Tensor  # every grid's noise, so grids compare across epochs
+    fixed_noise: torch.Tensor  # every grid's z: grids compare
     epoch: int = 0  # epochs completed
     step: int = 0  # one D and one G update each
-    order: torch.Tensor = None  # the image order of the epoch under way
+    order: torch.Tensor = None  # this epoch's image order
     done: int = 0  # images of `order` trained on so far
-    metrics: list = field(default_factory=list)  # one row per logged step
+    metrics: list = field(default_factory=list)  # logged rows
+
+
+def image_shape(args):
+    return (args.channels, args.image_size, args.image_size)
 
 
 def new_run(args, device, checkpoint=None):
-    torch.manual_seed(args.seed)  # seeds weights, grid noise, batch orders, z and dropout
-    G = Generator(args.latent_dim, args.g_hidden, args.g_activation, args.g_batchnorm).to(device)
-    D = Discriminator(args.d_hidden, args.d_dropout).to(device)
-    opt_G, opt_D = make_optimizer(G, args.lr), make_optimizer(D, args.lr)
-    fixed_noise = torch.randn(64, args.latent_dim).to(device)
-    run = Run(G, D, opt_G, opt_D, EMA(G, args.ema_decay), fixed_noise)
+    """A run from its flags: new, or as `checkpoint` left it."""
+    torch.manual_seed(args.seed)  # weights, grid noise, orders, z, dropout
+    G = Generator(args.latent_dim, args.g_hidden, image_shape(args)).to(device)
+    D = Discriminator(args.d_hidden, args.d_dropout, image_shape(args)).to(device)
+    opt_G = make_optimizer(G, args.lr)
+    opt_D = make_optimizer(D, args.lr)
+    noise = torch.randn(64, args.latent_dim).to(device)
+    run = Run(G, D, opt_G, opt_D, EMA(G, args.ema_decay), noise)
     if checkpoint is None:
         return run
     for name in NETWORKS:
         getattr(run, name).load_state_dict(checkpoint[name])
     run.ema.G.load_state_dict(checkpoint["G_avg"])
     run.ema.steps = checkpoint["step"]
-    for group in run.opt_G.param_groups + run.opt_D.param_groups:  # --lr, this machine's Adam
-        group.update(lr=args.lr, fused=run.opt_G.defaults["fused"])
+    for group in opt_G.param_groups + opt_D.param_groups:  # --lr; this machine's Adam
+        group.update(lr=args.lr, fused=opt_G.defaults["fused"])
     for name in PROGRESS:
         value = checkpoint[name]
-        setattr(run, name, value.to(device) if isinstance(value, torch.Tensor) else value)
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+        setattr(run, name, value)
     torch.set_rng_state(checkpoint["rng"]["cpu"])
     if device.type == "cuda" and "cuda" in checkpoint["rng"]:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+    if device.type == "mps" and "mps" in checkpoint["rng"]:
+        torch.mps.set_rng_state(checkpoint["rng"]["mps"])
     return run
 
 
-def save_checkpoint(run, args, run_dir, claim=False):
-    flags = {name: getattr(args, name) for name in SAVED}
+def run_flags(args):
+    return {name: getattr(args, name) for name in sorted(SAVED)}
+
+
+def save_checkpoint(run, args, run_dir):
+    """checkpoint.pt, flags.json and metrics.csv, each whole."""
     rng = {"cpu": torch.get_rng_state()}
-    if run.fixed_noise.is_cuda:  # the GPU's own generator draws z and dropout there
-        rng["cuda"] = torch.cuda.get_rng_state(run.fixed_noise.device)
-    checkpoint = {"args": flags, "rng": rng, "G_avg": run.ema.G.state_dict(),
-                  **{name: getattr(run, name).state_dict() for name in NETWORKS},
-                  **{name: getattr(run, name) for name in PROGRESS}}
-    write_atomically(run_dir / "checkpoint.pt", lambda f: torch.save(checkpoint, f), claim)
-    columns = ["epoch", "step", *STATS, "images_per_s"]
-    rows = [columns] + [[str(row[column]) for column in columns] for row in run.metrics]
-    csv = "".join(",".join(row) + "\n" for row in rows).encode()
-    write_atomically(run_dir / "metrics.csv", lambda f: f.write(csv))
+    device = run.fixed_noise.device
+    if device.type == "cuda":  # its own generator draws z there
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        rng["mps"] = torch.mps.get_rng_state()
+    checkpoint = {"args": run_flags(args), "rng": rng, "G_avg": run.ema.G.state_dict()}
+    for name in NETWORKS:
+        checkpoint[name] = getattr(run, name).state_dict()
+    for name in PROGRESS:
+        checkpoint[name] = getattr(run, name)
+    buffer = io.BytesIO()  # a full disk then raises an OSError
+    torch.save(checkpoint, buffer)
+    write_atomically(run_dir / "checkpoint.pt", buffer.getvalue())
+    flags = json.dumps(run_flags(args), indent=2) + "\n"
+    write_atomically(run_dir / "flags.json", flags.encode())
+    save_metrics(run, run_dir)
 
 
-def write_atomically(path, write, claim=False):
-    """write() to a temporary file, then rename it: a failure leaves the old `path` whole."""
+def save_metrics(run, run_dir):
+    table = io.StringIO()
+    writer = csv.DictWriter(table, ["epoch", "step", *STATS, "images_per_s"])
+    writer.writeheader()
+    writer.writerows(run.metrics)
+    write_atomically(run_dir / "metrics.csv", table.getvalue().encode())
+
+
+def write_atomically(path, data):
+    """Via a file renamed over `path`: a crash or full disk leaves the old one whole."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            write(f)
-        if claim:
-            os.link(tmp, path)  # atomic, and refused if `path` exists
-        else:
-            os.replace(tmp, path)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename
+        os.replace(tmp, path)
+        if os.name == "posix":  # the rename on disk too
+            folder = os.open(path.parent, os.O_RDONLY)
+            os.fsync(folder)
+            os.close(folder)
+    except OSError as e:
+        raise GanError(f"cannot write {path} ({e.strerror})") from e
     finally:
-        with contextlib.suppress(OSError):  # the clean-up must not mask the real error
+        with contextlib.suppress(OSError):  # must not mask an error
             tmp.unlink()
 
 
-def load_checkpoint(path):
-    path = Path(path)
+def checkpoint_file(run):
+    """A run folder's checkpoint.pt, or the file named."""
+    path = Path(run)
     if path.is_dir():
-        path = path / "checkpoint.pt"
+        return path / "checkpoint.pt"
+    return path
+
+
+def load_checkpoint(run):
+    path = checkpoint_file(run)
     if not path.is_file():
         raise GanError(f"no checkpoint at {path}")
     try:  # weights_only: loading runs no code
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle's, zip's or torch's own errors
+        checkpoint = torch.load(path, "cpu", weights_only=True)
+    except Exception as e:  # pickle's, zip's or torch's errors
         raise GanError(f"{path} is damaged or not a vanilla_gan checkpoint") from e
     keys = {"args", "rng", "G_avg", *NETWORKS, *PROGRESS}
-    if not isinstance(checkpoint, dict) or not keys <= checkpoint.keys():
+    if not isinstance(checkpoint, dict) or keys - checkpoint.keys():
         raise GanError(f"{path} is not a vanilla_gan checkpoint")
-    return path, checkpoint
+    return checkpoint
 
 
-def claim_run_folder(run, args, resumed=None):
-    """A new run claims its folder by creating checkpoint.pt: a second run there is refused."""
-    run_dir = Path(args.out_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+def load_generator(run, device="cpu"):
+    """A run's averaged G, in eval mode: sample(G, z) draws."""
+    checkpoint = load_checkpoint(run)
+    args = build_parser().parse_args([])  # defaults, for older runs
+    vars(args).update(checkpoint["args"])
+    G = Generator(args.latent_dim, args.g_hidden, image_shape(args))
+    G.load_state_dict(checkpoint["G_avg"])
+    return G.requires_grad_(False).eval().to(device)
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """One trainer in a run folder; the OS unlocks it when the process ends, killed too."""
+    if fcntl is None:  # Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        if resumed and (run_dir / "checkpoint.pt").resolve() == resumed.resolve():
-            return run_dir
-        save_checkpoint(run, args, run_dir, claim=True)
-    except FileExistsError:
-        raise GanError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
-                       "or choose another --out-dir") from None
-    except OSError as e:
-        raise GanError(f"cannot write in {run_dir} ({e.strerror})") from e
-    return run_dir
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise GanError(f"{folder} is in use by another trainer") from None
+    try:
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 # ---- Outputs ----
 def save_grid(images, path):
     from torchvision.utils import save_image
-    nrow = math.ceil(len(images) ** 0.5)  # square: 8 x 8 for fixed_noise
-    save_image(images, path, nrow=nrow, normalize=True, value_range=(-1, 1))
+    side = math.ceil(len(images) ** 0.5)
+    try:
+        save_image(images, path, nrow=side, normalize=True, value_range=(-1, 1))
+    except (OSError, ValueError) as e:  # ValueError: an unknown ending
+        raise GanError(f"cannot write {path} ({e})") from e
 
 
-# Each curve's value when D can only guess, D(x) = D(G(z)) = 1/2
-EQUILIBRIA = {"Loss_D": 2 * math.log(2), "Loss_G": math.log(2), "D(x)": 0.5, "D(G(z))": 0.5}
+# Each curve's value when D can only guess: D(x) = D(G(z)) = 1/2
+EQUILIBRIA = {"Loss_D": 2 * math.log(2), "Loss_G": math.log(2), "D(x)": 0.5,
+              "D(G(z))": 0.5}
 
 
 def plot_losses(rows, steps_per_epoch, path):
-    from matplotlib.figure import Figure  # no GUI backend, no global state
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    from matplotlib.figure import Figure  # no GUI, no global state
+    ax = Figure(figsize=(8, 4), layout="constrained").subplots()
     epochs = [row["step"] / steps_per_epoch for row in rows]
-    for ax, keys in zip(fig.subplots(1, 2), (STATS[:2], STATS[2:])):
-        for key in keys:
-            line, = ax.plot(epochs, [row[key] for row in rows], ".-", label=key)
-            ax.axhline(EQUILIBRIA[key], color=line.get_color(), linestyle="--")
-        ax.set(xlabel="epoch", title="D guessing: the dashed lines")
-        ax.legend()
-    fig.savefig(path, dpi=100)
-    return fig
+    for key, guess in EQUILIBRIA.items():
+        line = ax.plot(epochs, [row[key] for row in rows], label=key)[0]
+        ax.axhline(guess, color=line.get_color(), ls="--")
+    ax.set(xlabel="epoch", title="dashed: each value when D can only guess")
+    ax.legend()
+    buffer = io.BytesIO()
+    ax.figure.savefig(buffer, format="png")
+    write_atomically(path, buffer.getvalue())
+    return ax.figure
 
 
 # ---- The quality report ----
-def train_classifier(images, labels, device, epochs=3, batch_size=128):
-    """The judge: a small seeded CNN (99% on MNIST), whose 128 last features FID uses."""
-    with torch.random.fork_rng(devices=[]):  # keeps the GAN's random numbers
-        torch.default_generator.manual_seed(0)  # the CPU's alone: fork_rng restores it
-        model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                              nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                              nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(),
-                              nn.Linear(128, 10)).to(device)
-        images, labels = images.to(device), labels.to(device)
+def train_classifier(images, labels, device, epochs=3):
+    """The judge: a small seeded CNN (99% on MNIST)."""
+    with torch.random.fork_rng(devices=[]):  # keeps the GAN's
+        torch.manual_seed(0)  # the CPU's RNG, which fork_rng saved
+        model = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(),
+            nn.Linear(128, 10)).to(device)
+        images = images.to(device)
+        labels = labels.to(device)
         optimizer = torch.optim.Adam(model.parameters())
-        steps = epochs * math.ceil(len(images) / batch_size)  # one-cycle: 99% in 3 epochs
+        steps = epochs * math.ceil(len(images) / 128)  # one-cycle: 99% in 3 epochs
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, steps)
         for _ in range(epochs):
-            for index in torch.randperm(len(images)).split(batch_size):
-                loss = nn.functional.cross_entropy(model(to_unit_range(images[index])),
-                                                   labels[index])
+            for index in torch.randperm(len(images)).split(128):
+                logits = model(to_unit_range(images[index]))
+                loss = nn.functional.cross_entropy(logits, labels[index])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -357,309 +475,422 @@ def train_classifier(images, labels, device, epochs=3, batch_size=128):
 
 @torch.no_grad()
 def judge(classifier, images):
+    """The 128 features FID uses, and each image's class."""
     device = classifier[0].weight.device
-    features = torch.cat([classifier[:-1](batch.to(device)) for batch in images.split(500)])
-    return features.cpu().double(), classifier[-1](features).argmax(1).cpu()  # MPS: no float64
+    features = torch.cat([classifier[:-1](x.to(device)) for x in images.split(500)])
+    classes = classifier[-1](features).argmax(1).cpu()
+    return features.cpu().double(), classes  # MPS has no float64
 
 
 def frechet_distance(a, b):
-    """FID: fit a Gaussian to each set; ||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2))."""
-    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))
-    # Tr((C_a C_b)^(1/2)): the sum of the roots of C_a C_b's eigenvalues; .real drops rounding
-    cross = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()
-    return ((a.mean(0) - b.mean(0)).square().sum() + cov_a.trace() + cov_b.trace()
-            - 2 * cross).item()
+    """FID: |mu_a - mu_b|^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2))."""
+    cov_a = torch.atleast_2d(torch.cov(a.T))
+    cov_b = torch.atleast_2d(torch.cov(b.T))
+    # Tr((C_a C_b)^(1/2)): the sum of the roots of C_a C_b's
+    # eigenvalues, real but for rounding
+    roots = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real
+    means = (a.mean(0) - b.mean(0)).square().sum()
+    return (means + cov_a.trace() + cov_b.trace() - 2 * roots.sum()).item()
 
 
-EVAL_SAMPLES = 10_000  # FID falls as N grows: figures compare only at the same N
+EVAL_SAMPLES = 10_000  # FID falls as N grows: compare at one N
 
 
 def report_quality(images, dataset, data_dir, device):
     """FID against the test set, and the class shares."""
-    train_set, test_set = (load_dataset(dataset, data_dir, train) for train in (True, False))
+    train_images, labels = load_dataset(dataset, data_dir)
+    test_images = load_dataset(dataset, data_dir, False)[0]
     print("training the judge", flush=True)
-    classifier = train_classifier(*train_set, device)
+    classifier = train_classifier(train_images, labels, device)
     features, classes = judge(classifier, images)
-    fid = frechet_distance(features, judge(classifier, to_unit_range(test_set[0]))[0])
+    fid = frechet_distance(features, judge(classifier, to_unit_range(test_images))[0])
     shares = torch.bincount(classes, minlength=10) / len(images)
-    few = " (too few samples to compare)" if len(images) < EVAL_SAMPLES else ""
+    few = ""
+    if len(images) < EVAL_SAMPLES:
+        few = " (too few samples to compare)"
+    rarest = shares.argmin().item()
     print(f"quality of {len(images)} samples: FID {fid:.2f}{few}, rarest class "
-          f"{shares.argmin().item()} at {shares.min().item():.1%}", flush=True)
+          f"{rarest} at {shares[rarest]:.1%}", flush=True)
     return fid, shares
 
 
 # ---- The command line ----
-# Classic setups: --config NAME makes these the defaults; typed flags win.
-CONFIGS = {
-    "classic": dict(g_hidden=[256, 512], d_hidden=[512, 256], d_dropout=0.0, lr=2e-4,
-                    ema_decay=0.999),
-    "minimal": dict(g_hidden=[128], g_activation="relu", d_hidden=[128], d_dropout=0.0,
-                    batch_size=64, epochs=100, lr=2e-4, ema_decay=0.999),
-    "deep": dict(g_hidden=[256, 512, 1024], g_activation="relu", d_hidden=[1024, 512, 256],
-                 d_dropout=0.0, epochs=20, lr=2e-4, ema_decay=0.999),
-    "batchnorm": dict(g_hidden=[128, 256, 512, 1024], g_activation="relu", g_batchnorm=True,
-                      d_hidden=[1024, 512, 256], d_dropout=0.0, latent_dim=64, lr=1e-5,
-                      epochs=500),
-}
-
-
-def checked(cast, is_valid, name):
-    """An argparse type: `cast` the text, refuse it if not `is_valid`."""
-    def parse(text):
-        if not is_valid(value := cast(text)):
-            raise ValueError(text)
-        return value
-    parse.__name__ = name  # argparse says "invalid <name> value"
-    return parse
-
-
-positive_int = checked(int, lambda v: v > 0, "positive integer")
-positive_float = checked(float, lambda v: 0 < v < math.inf, "positive number")  # not nan
-fraction = checked(float, lambda v: 0 <= v < 1, "fraction in [0, 1)")
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
-device_name = checked(str, lambda v: v in ("auto", "cpu", "cuda", "mps")
-                      or v.startswith("cuda:") and v[5:].isdigit(), f"device ({DEVICES})")
+TRAINING = ("epochs", "max_steps", "lr", "out_dir", "log_every", "amp")
+
+
+def checked(cast, is_valid, expected):
+    """An argparse type: `cast`, then refused unless `is_valid`."""
+    def number(text):  # a ValueError: "invalid number value"
+        value = cast(text)
+        if not is_valid(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {expected}")
+        return value
+    return number
+
+
+positive_int = checked(int, lambda n: n > 0, "positive")
+positive = checked(float, lambda x: 0 < x < math.inf, "positive")
+fraction = checked(float, lambda x: 0 <= x < 1, "in [0, 1)")
+device_name = checked(str, lambda x: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", x), DEVICES)
 
 
 def build_parser():
-    p = argparse.ArgumentParser("vanilla_gan.py",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
-    add("--config", choices=CONFIGS, help="a classic setup; typed flags win")
-    add("--epochs", type=positive_int, default=50, help="passes over the training set")
-    add("--max-steps", type=positive_int, help="stop at this step (None: no limit)")
-    add("--device", type=device_name, default="auto", help=f"{DEVICES}; auto: cuda, mps, cpu")
-    add("--amp", action="store_true", help="bfloat16 autocast")
-    add("--seed", type=int, default=42, help="seeds weights, noise, batch order and dropout")
-    add("--dataset", choices=DATASETS, default="mnist", help="fake: random pixels")
-    add("--data-dir", default="data", help="holds MNIST/raw/ (or the dataset's folder)")
-    add("--latent-dim", type=positive_int, default=100, help="size of the noise vector z")
-    add("--g-hidden", type=positive_int, nargs="+", default=[256, 512, 1024], help="G's widths")
-    add("--g-activation", choices=ACTIVATIONS, default="leakyrelu", help="G's activation")
-    add("--g-batchnorm", action="store_true", help="BatchNorm1d in G's hidden layers")
-    add("--d-hidden", type=positive_int, nargs="+", default=[512, 256], help="D's widths")
-    add("--d-dropout", type=fraction, default=0.3, help="Dropout in D's hidden layers")
-    add("--ema-decay", type=fraction, default=0.9995, help="decay of G's average (0: G itself)")
-    add("--batch-size", type=positive_int, default=128, help="real images per step")
-    add("--lr", type=positive_float, default=3e-4, help="Adam's learning rate, both networks")
-    add("--out-dir", help="the run folder (None: a new runs/<date-time>)")
-    add("--log-every", type=positive_int, default=100, help="print and record every N steps")
-    add("--eval", action="store_true", help="report FID and class shares at the end")
-    start = p.add_mutually_exclusive_group()
-    start.add_argument("--resume", metavar="RUN", help="continue a run folder or checkpoint.pt")
+    parser = argparse.ArgumentParser("vanilla_gan.py")
+    parser.add_argument("--epochs", type=positive_int, default=50, metavar="N",
+                        help="passes over the training set (default: 50)")
+    parser.add_argument("--max-steps", type=positive_int, metavar="N",
+                        help="stop when the run has N steps (not saved)")
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help=f"{DEVICES} (default: auto)")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="seeds weights, noise and order (default: 42)")
+    parser.add_argument("--dataset", default="mnist", choices=[*DATASETS, "fake", "folder"],
+                        help="fake: random pixels, the GPU check; folder: your images "
+                        "(default: mnist)")
+    parser.add_argument("--data-dir", default="data", metavar="DIR",
+                        help="holds MNIST/raw/ (or the dataset's); for folder, the images "
+                        "(default: data)")
+    parser.add_argument("--channels", type=int, choices=[1, 3], default=1,
+                        help="for folder: 1 grey (the default), 3 RGB")
+    parser.add_argument("--image-size", type=positive_int, default=28, metavar="S",
+                        help="for folder: images scaled and cropped to S x S (default: 28)")
+    parser.add_argument("--latent-dim", type=positive_int, default=100, metavar="N",
+                        help="size of the noise z (default: 100)")
+    parser.add_argument("--g-hidden", type=positive_int, nargs="+", metavar="W",
+                        default=[256, 512, 1024], help="G's hidden widths (default: 256 512 1024)")
+    parser.add_argument("--d-hidden", type=positive_int, nargs="+", metavar="W",
+                        default=[512, 256], help="D's hidden widths (default: 512 256)")
+    parser.add_argument("--d-dropout", type=fraction, default=0.3, metavar="P",
+                        help="Dropout in D's hidden layers (default: 0.3)")
+    parser.add_argument("--ema-decay", type=fraction, default=0.9995, metavar="X",
+                        help="decay of G's average; 0 samples G itself (default: 0.9995)")
+    parser.add_argument("--batch-size", type=positive_int, default=128, metavar="N",
+                        help="real images per step (default: 128)")
+    parser.add_argument("--lr", type=positive, default=3e-4, metavar="X",
+                        help="Adam's learning rate, both networks (default: 3e-4)")
+    parser.add_argument("--out-dir", metavar="DIR",
+                        help="the run folder (default: a new one in runs/)")
+    parser.add_argument("--log-every", type=positive_int, default=100, metavar="N",
+                        help="print and record every N steps (default: 100)")
+    parser.add_argument("--eval", action="store_true", help="report FID and class shares")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", metavar="RUN", help="continue a run folder or checkpoint")
     start.add_argument("--generate", type=positive_int, metavar="N",
                        help="only generate N images from --checkpoint")
-    add("--checkpoint", metavar="RUN", help="for --generate: a run folder or its checkpoint.pt")
-    add("--out", type=Path, help="for --generate: an image or a .pt tensor "
-        "(None: generated.png beside the checkpoint)")
-    return p
+    parser.add_argument("--checkpoint", metavar="RUN",
+                        help="for --generate: a run folder or checkpoint")
+    parser.add_argument("--out", type=Path, metavar="FILE",
+                        help="for --generate: a grid (.png, .jpg, ...) or a tensor (.pt) "
+                        "(default: generated.png by the checkpoint)")
+    return parser
 
 
 def parse_args(argv=None):
-    """Each flag from the first that sets it: typed, --config, the checkpoint, the defaults."""
+    """Each flag as typed, else the resumed (or sampled) run's, else its default."""
     parser = build_parser()
-    typed = parser.parse_args(argv)
-    if typed.generate and not typed.checkpoint:
-        parser.error("--generate needs --checkpoint")
-    if not typed.generate and (typed.checkpoint or typed.out):
-        parser.error("--checkpoint and --out go with --generate")
-    if typed.generate and typed.eval and typed.generate <= 128:  # for a full-rank covariance
-        parser.error("--eval needs 129+ samples: the judge has 128 features")
-    loaded = None
-    if typed.resume or typed.generate:
-        loaded = load_checkpoint(typed.checkpoint or typed.resume)
-        parser.set_defaults(**loaded[1]["args"], out_dir=str(loaded[0].parent))
-    parser.set_defaults(**CONFIGS.get(typed.config, {}))
     args = parser.parse_args(argv)
-    if args.eval and args.dataset == "fake":
-        parser.error("--eval needs real data, not --dataset fake")
-    saved = loaded[1]["args"] if loaded else {}
-    for name in sorted(KEPT - {"seed"} if args.generate else KEPT):  # --generate: z's seed
-        if name in saved and getattr(args, name) != saved[name]:
-            raise GanError(f"the run has --{name.replace('_', '-')} {saved[name]}, not "
-                           f"{getattr(args, name)}: drop the flag (a run keeps it)")
-    return args, loaded
+    if args.generate and not args.checkpoint:
+        parser.error("--generate needs --checkpoint")
+    if not args.generate and (args.checkpoint or args.out):
+        parser.error("--checkpoint and --out go with --generate")
+    if args.generate and args.eval and args.generate <= 128:
+        parser.error("--eval needs 129+ images (the judge's 128 features)")
+    training = [f"--{name.replace('_', '-')}" for name in TRAINING
+                if getattr(args, name) != parser.get_default(name)]
+    if args.generate and training:
+        parser.error(f"--generate takes no {', '.join(training)}")
+    saved = {}
+    if args.resume or args.generate:
+        path = checkpoint_file(args.resume or args.checkpoint)
+        saved = load_checkpoint(path)["args"]
+        parser.set_defaults(**saved, out_dir=str(path.parent))
+        args = parser.parse_args(argv)
+    if args.eval and args.dataset in ("fake", "folder"):
+        parser.error(f"--eval needs digits, not {args.dataset}")
+    if args.dataset != "folder" and image_shape(args) != IMAGE_SHAPE:
+        parser.error("--channels and --image-size are for --dataset folder")
+    kept = KEPT & saved.keys()
+    if args.generate:
+        kept.discard("seed")  # --generate's seed draws z
+    for name in sorted(kept):
+        if getattr(args, name) != saved[name]:
+            flag = f"--{name.replace('_', '-')}"
+            raise GanError(f"the run has {flag} {shown(saved[name])}, not "
+                           f"{shown(getattr(args, name))}: it keeps them")
+    return args
+
+
+def shown(value):
+    """A value as typed: [512, 256] is 512 256."""
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return value
 
 
 def pick_device(name):
+    mps = torch.backends.mps.is_available()
     if name == "auto":
-        mps = torch.backends.mps.is_available()
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+        name = "cpu"
+        if mps:
+            name = "mps"
+        if torch.cuda.is_available():
+            name = "cuda"
     device = torch.device(name)
-    if (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
-            or device.type == "mps" and not torch.backends.mps.is_available()):
-        raise GanError(f"--device {name}: no such device here (try --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise GanError(f"no {name} here: {gpu_status()}")
+    if device.type == "mps" and not mps:
+        raise GanError("no mps here: it needs an Apple GPU")
     return device
 
 
+def gpu_status():
+    """What torch sees of CUDA: why there is no GPU."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is built without CUDA"
+    count = torch.cuda.device_count()
+    return f"torch {torch.__version__} sees {count} CUDA devices (no driver?)"
+
+
 # ---- The device check ----
-DEVICE_TOLERANCE = 1e-4  # rounding differs by ~1e-6; a layer off by 0.5% errs by ~1e-2
+DEVICE_TOLERANCE = 1e-4  # rounding differs by ~1e-6, a layer off by 0.5% by ~1e-2
 
 
 def device_check(args, device, batches=5):
-    """The run's first step, in float32 (no TF32, autocast or dropout), on `device` and the CPU,
-    for a few batches: stats and gradients must agree."""
-    with torch.random.fork_rng(devices=[]):  # keeps the CPU's random numbers
+    """The run's first step on `device` and on the CPU, in float32 (no TF32, autocast or
+    dropout), for a few batches: the stats and gradients must agree."""
+    with torch.random.fork_rng(devices=[]):  # keeps the CPU's RNG
         run = new_run(args, torch.device("cpu"))
-        real = torch.rand(batches, args.batch_size, *IMAGE_SHAPE) * 2 - 1
+        real = torch.rand(batches, args.batch_size, *image_shape(args)) * 2 - 1
         z = torch.randn(batches, args.batch_size, args.latent_dim)
-    precision, results = torch.get_float32_matmul_precision(), []
-    torch.set_float32_matmul_precision("highest")
-    for where in (device, torch.device("cpu")):
-        for x, noise in zip(real, z):
-            G, D = copy.deepcopy(run.G).to(where), copy.deepcopy(run.D).to(where).eval()
-            opt_G, opt_D = make_optimizer(G, args.lr), make_optimizer(D, args.lr)
-            stats = train_step(G, D, opt_G, opt_D, x.to(where), noise.to(where))
+    torch.set_float32_matmul_precision("highest")  # main() sets it back
+    errors = []
+    for x, noise in zip(real, z):
+        results = []
+        for where in (device, torch.device("cpu")):
+            G = copy.deepcopy(run.G).to(where)
+            D = copy.deepcopy(run.D).to(where).eval()  # no dropout
+            opt_G = make_optimizer(G, args.lr)
+            stats = train_step(G, D, opt_G, make_optimizer(D, args.lr), x.to(where),
+                               noise.to(where))
+            if not all(p.isfinite().all() for p in G.parameters()):
+                stats = stats * math.nan  # a NaN weight fails the check
             grads = [torch.cat([p.grad.flatten() for p in net.parameters()]) for net in (G, D)]
-            finite = all(p.isfinite().all() for p in [*G.parameters(), *D.parameters()])
-            results.append([t.double().cpu() for t in (stats, *grads, torch.tensor(float(finite)))])
-    torch.set_float32_matmul_precision(precision)
-    # The median drops a batch where rounding flips a LeakyReLU's side; NaN stays NaN.
-    errors = torch.tensor([[((a - b).norm() / b.norm()).item() for a, b in zip(*pair)]
-                           for pair in zip(results[:batches], results[batches:])])
-    worst = errors.median(dim=0).values.max().item()
+            results.append([t.cpu() for t in (stats, *grads)])  # in float32: MPS has no 64
+        errors.append([((a - b).norm() / b.norm()).item() for a, b in zip(*results)])
+    # The median drops a batch where rounding flips a LeakyReLU's side; NaN stays, and fails
+    worst = torch.tensor(errors).median(dim=0).values.max().item()
     if not worst <= DEVICE_TOLERANCE:
-        raise GanError(f"device check failed: {device} differs from the CPU by {worst:.1e} "
-                       f"(tolerance {DEVICE_TOLERANCE:g})")
-    print(f"device check passed: {device} matches the CPU to {worst:.0e}", flush=True)
+        raise GanError(f"device check failed: {device} differs from the CPU by "
+                       f"{worst:.1e} (tolerance {DEVICE_TOLERANCE:g})")
+    print(f"device check passed: {device} matches the CPU to {worst:.0e}")
 
 
 # ---- Training and generating ----
-DIVERGED = 100.0  # a BCE loss this large: D's sigmoid is saturated for good
-
-
 class StopRequest:
-    """Ctrl-C or SIGTERM: finish the step, save, exit."""
+    """Ctrl-C or SIGTERM: the loop finishes the step, saves, exits."""
+
     def __enter__(self):
         self.signal = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: no handler
+                self.previous[signum] = signal.signal(signum, self.handle)
         return self
 
     def handle(self, signum, frame):
-        self.signal = signum
-        print(f"\n{signal.Signals(signum).name}: saving after this step")
+        self.signal = signum  # no print: it may interrupt one
 
     def __exit__(self, *exc):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
 
-def train(args, loaded):
-    """Train to --epochs or --max-steps, or until a stop request; return the exit code."""
+def train(args):
+    """Train to --epochs or --max-steps, or a stop: the exit code."""
     device = pick_device(args.device)
+    if args.dataset == "fake" and device.type == "cpu":
+        raise GanError(f"--dataset fake checks a GPU against the CPU: {gpu_status()}")
+    if args.dataset == "fake":  # before the run draws numbers
+        device_check(args, device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores
-    if args.dataset == "fake" and device.type == "cpu":
-        print("no device check: the CPU is its reference")
-    elif args.dataset == "fake":  # before the run draws random numbers
-        device_check(args, device)
-    args.data_dir = str(Path(args.data_dir).resolve())  # a resumed run may start elsewhere
-    pixels = load_dataset(args.dataset, args.data_dir)[0].to(device)
+    args.data_dir = str(Path(args.data_dir).resolve())  # for a moved run
+    if args.dataset == "fake":  # random pixels, the same every run
+        shape = (60_000, *IMAGE_SHAPE)
+        pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator())
+    elif args.dataset == "folder":
+        pixels = read_folder(args.data_dir, args.channels, args.image_size)
+    else:
+        pixels = load_dataset(args.dataset, args.data_dir)[0]
+    pixels = pixels.to(device)
     if args.batch_size > len(pixels):
         raise GanError(f"--batch-size {args.batch_size} exceeds the {len(pixels)} images")
-    path, checkpoint = loaded or (None, None)
-    run = new_run(args, device, checkpoint)
-    run_dir = claim_run_folder(run, args, path)
-    steps_per_epoch = len(pixels) // args.batch_size
-    last_step = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device
-    print(f"device {name}  torch {torch.__version__}  amp {args.amp}\n"
-          f"{args.dataset}: {len(pixels)} training images, run folder {run_dir}")
-    if run.step >= last_step:
-        print(f"nothing to train: the run is at step {run.step} of {last_step}")
-    with StopRequest() as stop:
-        while run.step < last_step and stop.signal is None:
-            if run.order is None:  # a fresh order each epoch; a resumed epoch keeps its own
-                run.order = torch.randperm(len(pixels), device=device)
-            sums, first_step, start = torch.zeros(4, device=device), run.step, time.perf_counter()
-            for stats in train_epoch(run.G, run.D, run.opt_G, run.opt_D, pixels, args.batch_size,
-                                     run.order[run.done:], args.amp, run.ema):
-                sums += stats  # on the device: no waiting
-                run.step, run.done = run.step + 1, run.done + args.batch_size
-                stopping = run.step >= last_step or stop.signal is not None
-                if stopping or run.step % args.log_every == 0:  # .tolist() waits: only here
-                    rate = (run.step - first_step) * args.batch_size / (time.perf_counter() - start)
-                    log_step(run, args, steps_per_epoch, stats.tolist(), rate)
-                if stopping:
-                    break
-            means = (sums / (run.step - first_step)).tolist()  # one wait per epoch
-            check_sane(means, run)  # before a save could overwrite good files
-            completed = len(run.order) - run.done < args.batch_size
-            print(f"epoch {run.epoch + 1}/{args.epochs} {'done' if completed else 'stopped'}: "
-                  f"mean {format_stats(means)}  {time.perf_counter() - start:.1f}s", flush=True)
-            if completed:
-                run.epoch, run.order, run.done = run.epoch + 1, None, 0
-            grid = f"epoch_{run.epoch:03d}.png" if completed else f"step_{run.step:07d}.png"
-            save_grid(sample(run.ema.G, run.fixed_noise), run_dir / "samples" / grid)
-            save_checkpoint(run, args, run_dir)
-    del pixels  # less memory at matplotlib's peak
-    plot_losses(run.metrics, steps_per_epoch, run_dir / "losses.png")
+    run_dir = make_run_folder(args.out_dir)
+    with folder_lock(run_dir), StopRequest() as stop:
+        run = open_run(args, device, run_dir)
+        name = device
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+        print(f"device {name}  torch {torch.__version__}  amp {args.amp}\n{args.dataset}: "
+              f"{len(pixels)} training images, run folder {run_dir}\n"
+              f"flags {json.dumps(run_flags(args))}", flush=True)
+        train_run(run, args, pixels, run_dir, stop)
     if stop.signal:
-        print(f"stopped; saved. To resume: python vanilla_gan.py --resume {run_dir}")
-        return 128 + stop.signal  # 130 for SIGINT, 143 for SIGTERM
+        print(f"{signal.Signals(stop.signal).name}: saved. To resume: "
+              f"python vanilla_gan.py --resume {run_dir}")
+        return 128 + stop.signal  # 130 (SIGINT) or 143 (SIGTERM)
     if args.eval:  # noise of their own, the same in every report
-        z = torch.randn(EVAL_SAMPLES, args.latent_dim, generator=torch.Generator().manual_seed(0))
-        report_quality(sample(run.ema.G, z.to(device)), args.dataset, args.data_dir, device)
+        gen = torch.Generator().manual_seed(0)
+        z = torch.randn(EVAL_SAMPLES, args.latent_dim, generator=gen)
+        images = sample(run.ema.G, z.to(device))
+        report_quality(images, args.dataset, args.data_dir, device)
     print(f"done: {run.step} steps. Outputs in {run_dir}")
     return 0
 
 
-def log_step(run, args, steps_per_epoch, stats, rate):
-    check_sane(stats, run)
-    run.metrics.append({"epoch": run.epoch + 1, "step": run.step, **dict(zip(STATS, stats)),
-                        "images_per_s": round(rate)})
-    print(f"[{run.epoch + 1}/{args.epochs}][{run.done // args.batch_size}/{steps_per_epoch}] "
-          f"step {run.step}  {format_stats(stats)}  {rate:,.0f} img/s", flush=True)
+def make_run_folder(out_dir):
+    """--out-dir, or a new runs/<date-time>-<random>."""
+    try:
+        if out_dir is None:
+            Path("runs").mkdir(exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S-")
+            out_dir = tempfile.mkdtemp(prefix=stamp, dir="runs")
+        (Path(out_dir) / "samples").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GanError(f"cannot write in {out_dir} ({e.strerror})") from e
+    return Path(out_dir)
+
+
+def open_run(args, device, run_dir):
+    """The run resumed here, read under the lock; or a new one, if the folder has none."""
+    own = run_dir / "checkpoint.pt"
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        if checkpoint_file(args.resume).resolve() == own.resolve():
+            return new_run(args, device, checkpoint)
+    if own.exists():
+        raise GanError(f"{run_dir} already holds a run; continue it with --resume "
+                       f"{run_dir}, or choose another --out-dir")
+    return new_run(args, device, checkpoint)
+
+
+def train_run(run, args, pixels, run_dir, stop):
+    steps_per_epoch = len(pixels) // args.batch_size
+    last_step = args.epochs * steps_per_epoch
+    if args.max_steps:
+        last_step = min(last_step, args.max_steps)
+    if run.step >= last_step:
+        print(f"nothing to train: the run is at step {run.step} of {last_step}")
+    elif (run_dir / "checkpoint.pt").exists():  # resumed here: still writable?
+        save_metrics(run, run_dir)
+    else:  # a new run claims its folder before any training
+        save_checkpoint(run, args, run_dir)
+    while run.step < last_step and stop.signal is None:
+        start = time.perf_counter()
+        means = train_part(run, args, pixels, last_step, stop)
+        if not all(p.isfinite().all() for p in run.G.parameters()):  # before a save
+            raise GanError(f"training diverged by step {run.step} (G's weights not finite);"
+                           " the last checkpoint is kept (try a smaller --lr)")
+        completed = len(run.order) - run.done < args.batch_size
+        state = "done" if completed else "stopped"
+        print(f"epoch {run.epoch + 1}/{args.epochs} {state}: mean {format_stats(means)}  "
+              f"{time.perf_counter() - start:.1f}s", flush=True)
+        grid = f"step_{run.step:07d}.png"
+        if completed:
+            run.epoch += 1
+            run.order = None
+            run.done = 0
+            grid = f"epoch_{run.epoch:03d}.png"
+        save_grid(sample(run.ema.G, run.fixed_noise), run_dir / "samples" / grid)
+        save_checkpoint(run, args, run_dir)
+    plot_losses(run.metrics, steps_per_epoch, run_dir / "losses.png")
+
+
+def train_part(run, args, pixels, last_step, stop):
+    """Train to the epoch's end, the last step or a stop: the steps' mean stats."""
+    if run.order is None:  # a new order each epoch; a resumed one goes on
+        run.order = torch.randperm(len(pixels), device=pixels.device)
+    sums = torch.zeros(len(STATS), device=pixels.device)
+    first_step = run.step
+    start = time.perf_counter()
+    for stats in train_epoch(run.G, run.D, run.opt_G, run.opt_D, pixels, args.batch_size,
+                             run.order[run.done:], args.amp, run.ema):
+        sums += stats  # on the device: no waiting
+        run.step += 1
+        run.done += args.batch_size
+        stopping = run.step >= last_step or stop.signal is not None
+        if stopping or run.step % args.log_every == 0:
+            stats = stats.tolist()  # waits for the step: only here
+            rate = (run.step - first_step) * args.batch_size / (time.perf_counter() - start)
+            run.metrics.append({"epoch": run.epoch + 1, "step": run.step,
+                                **dict(zip(STATS, stats)), "images_per_s": round(rate)})
+            where = f"{run.done // args.batch_size}/{len(run.order) // args.batch_size}"
+            print(f"[{run.epoch + 1}/{args.epochs}][{where}] step {run.step}  "
+                  f"{format_stats(stats)}  {rate:,.0f} img/s", flush=True)
+        if stopping:
+            break
+    return (sums / (run.step - first_step)).tolist()  # one wait an epoch
 
 
 def format_stats(stats):
     return "  ".join(f"{name} {value:.4f}" for name, value in zip(STATS, stats))
 
 
-def check_sane(stats, run):
-    """Stop a diverged run before it saves: the last good checkpoint stays."""
-    bad = [f"{name} {value:.3g}" for name, value in zip(STATS, stats[:2])
-           if not abs(value) < DIVERGED]  # NaN too
-    if bad or not all(p.isfinite().all() for p in [*run.G.parameters(), *run.D.parameters()]):
-        raise GanError(f"training diverged by step {run.step} ({', '.join(bad) or 'weights'} "
-                       "too large or NaN); the last checkpoint is kept (try a smaller --lr)")
-
-
-def generate(args, loaded):
+def generate(args):
+    """N images of a run's averaged G, as a grid or a tensor."""
     device = pick_device(args.device)
-    G = new_run(args, device, loaded[1]).ema.G  # the averaged G
-    # noise drawn on the CPU: a seed gives the same images on any device
-    z = torch.randn(args.generate, G.latent_dim, generator=torch.Generator().manual_seed(args.seed))
+    source = checkpoint_file(args.checkpoint)
+    out = args.out or source.parent / "generated.png"
+    run_dir = source.parent.resolve()
+    own = [source.resolve(), *(run_dir / name for name in ("flags.json", "metrics.csv"))]
+    own.append(run_dir / "losses.png")
+    if out.resolve() in own or out.resolve().parent == run_dir / "samples":
+        raise GanError(f"--out {out} would replace a file of the run")
+    checkpoint = load_checkpoint(source)
+    G = load_generator(source, device)
+    # Noise drawn on the CPU: a seed gives the same images anywhere
+    gen = torch.Generator().manual_seed(args.seed)
+    z = torch.randn(args.generate, G.latent_dim, generator=gen)
     images = sample(G, z.to(device)).cpu()
-    out = args.out or loaded[0].parent / "generated.png"
-    try:
-        if out.suffix.lower() == ".pt":
-            write_atomically(out, lambda f: torch.save(images, f))
-        else:
-            save_grid(images, out)
-    except (OSError, ValueError) as e:  # ValueError: no image format has this file ending
-        raise GanError(f"cannot write {out} ({getattr(e, 'strerror', None) or e})") from e
-    print(f"wrote {len(images)} images to {out}")
+    if out.suffix.lower() == ".pt":
+        buffer = io.BytesIO()
+        torch.save(images, buffer)
+        write_atomically(out, buffer.getvalue())
+    elif out.suffix:
+        save_grid(images, out)
+    else:
+        raise GanError(f"--out {out}: end it in .png, .jpg, ... or .pt")
+    print(f"wrote {len(images)} images to {out}: the averaged G at step {checkpoint['step']} "
+          f"(epochs done: {checkpoint['epoch']})")
+    if checkpoint["step"] == 0:
+        print("note: at step 0, before any training, G draws noise")
     if args.eval:
         report_quality(images, args.dataset, args.data_dir, device)
     return 0
 
 
 def main(argv=None):
-    """The command line: main(["--epochs", "1"]) returns the exit code."""
+    """The command line: main(["--epochs", "1"]) returns the code."""
+    if argv is not None:
+        argv = [str(arg) for arg in argv]  # Paths and numbers too
     precision = torch.get_float32_matmul_precision()
     try:
-        args, loaded = parse_args(None if argv is None else [str(arg) for arg in argv])
-        return generate(args, loaded) if args.generate else train(args, loaded)
-    except SystemExit as e:  # --help and argparse's errors: a notebook survives them
-        return e.code
+        args = parse_args(argv)
+        if args.generate:
+            return generate(args)
+        return train(args)
+    except SystemExit as e:  # --help and argparse's errors
+        return e.code  # returned: a notebook survives them
     except KeyboardInterrupt:  # Ctrl-C outside the training loop
         print("aborted; files already saved are intact", file=sys.stderr)
         return 130
     except GanError as e:
         print(f"vanilla_gan.py: error: {e}", file=sys.stderr)
         return 1
-    finally:  # TF32 off again: a notebook's later float32 products stay exact
+    finally:  # TF32 off: a notebook's float32 stays exact
         torch.set_float32_matmul_precision(precision)
 
 
