@@ -65,7 +65,7 @@ class Discriminator(nn.Module):
     def __init__(self, hidden=(512, 256), dropout=0.3,
                  image_shape=IMAGE_SHAPE):
         super().__init__()
-        # Dropout: a noisier critic, slower to memorise the data.
+        # Dropout: a noisier D, slower to memorise the data.
         # No Sigmoid: the loss takes logits.
         widths = [math.prod(image_shape), *hidden, 1]
         self.net = nn.Sequential(nn.Flatten(), *mlp(widths, dropout))
@@ -84,8 +84,8 @@ def make_optimizer(net, lr=3e-4, betas=(0.5, 0.999)):
 
 
 # BCE of a logit l, label y: -[y log s(l) + (1-y) log(1 - s(l))]
-# for the sigmoid s. From logits it stays exact where s(l) rounds
-# to 0 or 1 and the log would blow up.
+# for the sigmoid s. From logits it stays finite and accurate where
+# s(l) rounds to 0 or 1 and the log would blow up.
 bce = nn.BCEWithLogitsLoss()
 
 
@@ -112,11 +112,11 @@ def train_step(G, D, opt_G, opt_D, real, z, amp=False):
     loss_D.backward()
     opt_D.step()
 
-    # G maximises log D(G(z)), the non-saturating loss: minimising
-    # log(1 - D(G(z))) gives G no gradient while D rejects its
-    # fakes. The updated D judges the same fakes (the paper leaves
-    # the order open). Frozen, D passes G its gradient without
-    # computing D's own, which opt_G would not use.
+    # G maximises log D(G(z)), the non-saturating loss: the gradient
+    # of log(1 - D(G(z))) vanishes while D rejects G's fakes. The
+    # updated D judges the same fakes (Algorithm 1 of the paper draws
+    # new noise; reusing them saves a G pass). Frozen, D passes G its
+    # gradient without computing D's own, which opt_G would not use.
     D.requires_grad_(False)
     try:
         with autocast:
@@ -153,16 +153,18 @@ class EMA:
         for averaged, live in zip(self.G.parameters(), G.parameters()):
             # averaged += (1 - decay) (live - averaged)
             averaged.lerp_(live, 1 - decay)
+        for averaged, live in zip(self.G.buffers(), G.buffers()):
+            averaged.copy_(live)  # BatchNorm's statistics, if any: copied
 
 
 def to_unit_range(pixels):
     """uint8 pixels in 0..255 -> floats in [-1, 1], Tanh's range."""
-    return pixels.float().div_(127.5).sub_(1.0)  # in place
+    return pixels.float() / 127.5 - 1
 
 
 def train_epoch(G, D, opt_G, opt_D, pixels, batch_size, order=None,
                 amp=False, ema=None):
-    """One pass over `pixels` (uint8, on the device) in batches of
+    """One pass over `pixels` (uint8, on the device) in the order of
     `order` (default: a fresh permutation); yields each step's
     stats. No DataLoader: a batch is an index into `pixels`."""
     device = pixels.device
@@ -203,7 +205,7 @@ DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST
 
 def load_dataset(name, data_dir, train=True):
     """A split's uint8 images (N, 1, 28, 28) and labels (N,)."""
-    import torchvision  # here: --generate does without it
+    import torchvision  # imported where needed: --help starts faster
     from torchvision.datasets.utils import check_integrity
     dataset = getattr(torchvision.datasets, DATASETS[name])
     raw = Path(data_dir) / dataset.__name__ / "raw"
@@ -214,7 +216,8 @@ def load_dataset(name, data_dir, train=True):
         for folder in made:  # a wrong --data-dir leaves no folder
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        why = [type(e).__name__, *str(e).strip().splitlines()][-1]
+        lines = str(e).strip().splitlines()
+        why = lines[-1] if lines else type(e).__name__
         files = [gz.removesuffix(".gz") for gz, _ in dataset.resources]
         missing = [f for f in files if not any(raw.glob(f + "*"))]  # a .gz counts
         if missing:
@@ -222,7 +225,9 @@ def load_dataset(name, data_dir, train=True):
                            f"({why}): put them there, or fix --data-dir") from e
         damaged = [gz for gz, md5 in dataset.resources
                    if (raw / gz).exists() and not check_integrity(str(raw / gz), md5)]
-        raise GanError(f"damaged files in {raw}: {', '.join(damaged) or why}") from e
+        if damaged:
+            why = ", ".join(damaged)
+        raise GanError(f"damaged files in {raw}: {why}") from e
     return data.data.unsqueeze(1), data.targets
 
 
@@ -260,8 +265,9 @@ STATS = ("Loss_D", "Loss_G", "D(x)", "D(G(z))")  # train_step's
 KEPT = {"latent_dim", "g_hidden", "d_hidden", "d_dropout", "ema_decay", "dataset",
         "channels", "image_size", "batch_size", "seed"}
 SAVED = KEPT | {"epochs", "lr", "log_every", "data_dir"}
-NETWORKS = ("G", "D", "opt_G", "opt_D")
+STATEFUL = ("G", "D", "opt_G", "opt_D")  # saved by their state_dict()
 PROGRESS = ("epoch", "step", "order", "done", "fixed_noise", "metrics")
+RUN_FILES = ("checkpoint.pt", "flags.json", "metrics.csv", "losses.png")
 
 
 @dataclass
@@ -275,7 +281,7 @@ class Run:
     fixed_noise: torch.Tensor  # every grid's z: grids compare
     epoch: int = 0  # epochs completed
     step: int = 0  # one D and one G update each
-    order: torch.Tensor = None  # this epoch's image order
+    order: torch.Tensor | None = None  # this epoch's image order
     done: int = 0  # images of `order` trained on so far
     metrics: list = field(default_factory=list)  # logged rows
 
@@ -295,12 +301,16 @@ def new_run(args, device, checkpoint=None):
     run = Run(G, D, opt_G, opt_D, EMA(G, args.ema_decay), noise)
     if checkpoint is None:
         return run
-    for name in NETWORKS:
+    for name in STATEFUL:
         getattr(run, name).load_state_dict(checkpoint[name])
     run.ema.G.load_state_dict(checkpoint["G_avg"])
     run.ema.steps = checkpoint["step"]
-    for group in opt_G.param_groups + opt_D.param_groups:  # --lr; this machine's Adam
-        group.update(lr=args.lr, fused=opt_G.defaults["fused"])
+    for opt in (opt_G, opt_D):  # the lr typed now; fused Adam only where the device has it
+        fused = opt.defaults["fused"]
+        for group in opt.param_groups:
+            group.update(lr=args.lr, fused=fused)
+        for param, state in opt.state.items():  # fused Adam counts steps on the device
+            state["step"] = state["step"].to(param.device if fused else "cpu")
     for name in PROGRESS:
         value = checkpoint[name]
         if isinstance(value, torch.Tensor):
@@ -327,11 +337,11 @@ def save_checkpoint(run, args, run_dir):
     if device.type == "mps":
         rng["mps"] = torch.mps.get_rng_state()
     checkpoint = {"args": run_flags(args), "rng": rng, "G_avg": run.ema.G.state_dict()}
-    for name in NETWORKS:
+    for name in STATEFUL:
         checkpoint[name] = getattr(run, name).state_dict()
     for name in PROGRESS:
         checkpoint[name] = getattr(run, name)
-    buffer = io.BytesIO()  # a full disk then raises an OSError
+    buffer = io.BytesIO()  # to memory: torch.save to a full disk raises a RuntimeError
     torch.save(checkpoint, buffer)
     write_atomically(run_dir / "checkpoint.pt", buffer.getvalue())
     flags = json.dumps(run_flags(args), indent=2) + "\n"
@@ -358,10 +368,13 @@ def write_atomically(path, data):
         os.replace(tmp, path)
         if os.name == "posix":  # the rename on disk too
             folder = os.open(path.parent, os.O_RDONLY)
-            os.fsync(folder)
-            os.close(folder)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
     except OSError as e:
-        raise GanError(f"cannot write {path} ({e.strerror})") from e
+        reason = e.strerror if e.strerror else type(e).__name__
+        raise GanError(f"cannot write {path} ({reason})") from e
     finally:
         with contextlib.suppress(OSError):  # must not mask an error
             tmp.unlink()
@@ -383,17 +396,21 @@ def load_checkpoint(run):
         checkpoint = torch.load(path, "cpu", weights_only=True)
     except Exception as e:  # pickle's, zip's or torch's errors
         raise GanError(f"{path} is damaged or not a vanilla_gan checkpoint") from e
-    keys = {"args", "rng", "G_avg", *NETWORKS, *PROGRESS}
+    keys = {"args", "rng", "G_avg", *STATEFUL, *PROGRESS}
     if not isinstance(checkpoint, dict) or keys - checkpoint.keys():
         raise GanError(f"{path} is not a vanilla_gan checkpoint")
     return checkpoint
 
 
 def load_generator(run, device="cpu"):
-    """A run's averaged G, in eval mode: sample(G, z) draws."""
-    checkpoint = load_checkpoint(run)
-    args = build_parser().parse_args([])  # defaults, for older runs
-    vars(args).update(checkpoint["args"])
+    """A run's averaged G, in eval mode, for sample(G, z)."""
+    return averaged_generator(load_checkpoint(run), device)
+
+
+def averaged_generator(checkpoint, device):
+    parser = build_parser()
+    parser.set_defaults(**checkpoint["args"])  # the run's flags; defaults for older runs
+    args = parser.parse_args([])
     G = Generator(args.latent_dim, args.g_hidden, image_shape(args))
     G.load_state_dict(checkpoint["G_avg"])
     return G.requires_grad_(False).eval().to(device)
@@ -411,6 +428,8 @@ def folder_lock(folder):
     except BlockingIOError:
         os.close(fd)
         raise GanError(f"{folder} is in use by another trainer") from None
+    except OSError:  # a file system without locks (some network ones): train unlocked
+        pass
     try:
         yield
     finally:
@@ -419,12 +438,16 @@ def folder_lock(folder):
 
 # ---- Outputs ----
 def save_grid(images, path):
+    """A square grid, as PNG, JPEG, ... by the path's ending."""
+    from PIL import Image
     from torchvision.utils import save_image
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format not in Image.SAVE:
+        raise GanError(f"{path}: end it in .png, .jpg, ... (or .pt for a tensor)")
+    buffer = io.BytesIO()
     side = math.ceil(len(images) ** 0.5)
-    try:
-        save_image(images, path, nrow=side, normalize=True, value_range=(-1, 1))
-    except (OSError, ValueError) as e:  # ValueError: an unknown ending
-        raise GanError(f"cannot write {path} ({e})") from e
+    save_image(images, buffer, image_format, nrow=side, normalize=True, value_range=(-1, 1))
+    write_atomically(path, buffer.getvalue())
 
 
 # Each curve's value when D can only guess: D(x) = D(G(z)) = 1/2
@@ -450,8 +473,8 @@ def plot_losses(rows, steps_per_epoch, path):
 # ---- The quality report ----
 def train_classifier(images, labels, device, epochs=3):
     """The judge: a small seeded CNN (99% on MNIST)."""
-    with torch.random.fork_rng(devices=[]):  # keeps the GAN's
-        torch.manual_seed(0)  # the CPU's RNG, which fork_rng saved
+    with torch.random.fork_rng(devices=[]):  # the CPU's RNG: the GAN's stays
+        torch.default_generator.manual_seed(0)  # not torch.manual_seed: it seeds GPUs too
         model = nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -501,9 +524,12 @@ def report_quality(images, dataset, data_dir, device):
     train_images, labels = load_dataset(dataset, data_dir)
     test_images = load_dataset(dataset, data_dir, False)[0]
     print("training the judge", flush=True)
-    classifier = train_classifier(train_images, labels, device)
-    features, classes = judge(classifier, images)
-    fid = frechet_distance(features, judge(classifier, to_unit_range(test_images))[0])
+    torch.set_float32_matmul_precision("highest")  # no TF32: main() restores the setting
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        classifier = train_classifier(train_images, labels, device)
+        features, classes = judge(classifier, images)
+        real = judge(classifier, to_unit_range(test_images))[0]
+    fid = frechet_distance(features, real)
     shares = torch.bincount(classes, minlength=10) / len(images)
     few = ""
     if len(images) < EVAL_SAMPLES:
@@ -602,8 +628,11 @@ def parse_args(argv=None):
     if args.generate and training:
         parser.error(f"--generate takes no {', '.join(training)}")
     saved = {}
-    if args.resume or args.generate:
-        path = checkpoint_file(args.resume or args.checkpoint)
+    source = args.resume
+    if args.generate:
+        source = args.checkpoint
+    if source:
+        path = checkpoint_file(source)
         saved = load_checkpoint(path)["args"]
         parser.set_defaults(**saved, out_dir=str(path.parent))
         args = parser.parse_args(argv)
@@ -646,11 +675,13 @@ def pick_device(name):
 
 
 def gpu_status():
-    """What torch sees of CUDA: why there is no GPU."""
+    """What torch sees of CUDA, to say why a GPU is missing."""
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is built without CUDA"
     count = torch.cuda.device_count()
-    return f"torch {torch.__version__} sees {count} CUDA devices (no driver?)"
+    if count == 0:
+        return f"torch {torch.__version__} sees no CUDA device (no driver?)"
+    return f"torch {torch.__version__} sees {count} CUDA device(s)"
 
 
 # ---- The device check ----
@@ -658,33 +689,38 @@ DEVICE_TOLERANCE = 1e-4  # rounding differs by ~1e-6, a layer off by 0.5% by ~1e
 
 
 def device_check(args, device, batches=5):
-    """The run's first step on `device` and on the CPU, in float32 (no TF32, autocast or
-    dropout), for a few batches: the stats and gradients must agree."""
+    """One training step from the run's first weights, on `device` and on the CPU, in float32
+    (no TF32, autocast or dropout), for a few batches: the losses, the gradients and the
+    updated weights must agree."""
+    cpu = torch.device("cpu")
     with torch.random.fork_rng(devices=[]):  # keeps the CPU's RNG
-        run = new_run(args, torch.device("cpu"))
+        run = new_run(args, cpu)
         real = torch.rand(batches, args.batch_size, *image_shape(args)) * 2 - 1
         z = torch.randn(batches, args.batch_size, args.latent_dim)
     torch.set_float32_matmul_precision("highest")  # main() sets it back
     errors = []
     for x, noise in zip(real, z):
-        results = []
-        for where in (device, torch.device("cpu")):
-            G = copy.deepcopy(run.G).to(where)
-            D = copy.deepcopy(run.D).to(where).eval()  # no dropout
-            opt_G = make_optimizer(G, args.lr)
-            stats = train_step(G, D, opt_G, make_optimizer(D, args.lr), x.to(where),
-                               noise.to(where))
-            if not all(p.isfinite().all() for p in G.parameters()):
-                stats = stats * math.nan  # a NaN weight fails the check
-            grads = [torch.cat([p.grad.flatten() for p in net.parameters()]) for net in (G, D)]
-            results.append([t.cpu() for t in (stats, *grads)])  # in float32: MPS has no 64
-        errors.append([((a - b).norm() / b.norm()).item() for a, b in zip(*results)])
-    # The median drops a batch where rounding flips a LeakyReLU's side; NaN stays, and fails
+        ours = check_step(run, x, noise, device, args.lr)
+        cpus = check_step(run, x, noise, cpu, args.lr)
+        errors.append([((a - b).norm() / b.norm()).item() for a, b in zip(ours, cpus)])
+    # The median drops a batch where rounding flips a LeakyReLU's side; NaN stays NaN
     worst = torch.tensor(errors).median(dim=0).values.max().item()
-    if not worst <= DEVICE_TOLERANCE:
+    if not worst <= DEVICE_TOLERANCE:  # NaN fails too: every comparison with it is false
         raise GanError(f"device check failed: {device} differs from the CPU by "
                        f"{worst:.1e} (tolerance {DEVICE_TOLERANCE:g})")
     print(f"device check passed: {device} matches the CPU to {worst:.0e}")
+
+
+def check_step(run, real, z, device, lr):
+    """One train_step on `device`: its stats, gradients and new weights, on the CPU."""
+    G = copy.deepcopy(run.G).to(device)
+    D = copy.deepcopy(run.D).to(device).eval()  # no dropout: its masks differ by device
+    opt_G = make_optimizer(G, lr)
+    opt_D = make_optimizer(D, lr)
+    stats = train_step(G, D, opt_G, opt_D, real.to(device), z.to(device))
+    grads = [torch.cat([p.grad.flatten() for p in net.parameters()]) for net in (G, D)]
+    weights = [torch.cat([p.detach().flatten() for p in net.parameters()]) for net in (G, D)]
+    return [t.cpu() for t in (stats, *grads, *weights)]  # compared in float32: MPS has no 64
 
 
 # ---- Training and generating ----
@@ -692,7 +728,7 @@ class StopRequest:
     """Ctrl-C or SIGTERM: the loop finishes the step, saves, exits."""
 
     def __enter__(self):
-        self.signal = None
+        self.signum = None
         self.previous = {}
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread: no handler
@@ -700,10 +736,12 @@ class StopRequest:
         return self
 
     def handle(self, signum, frame):
-        self.signal = signum  # no print: it may interrupt one
+        self.signum = signum  # no print: it may interrupt one
 
     def __exit__(self, *exc):
         for signum, handler in self.previous.items():
+            if handler is None:  # set outside Python: the default is the nearest
+                handler = signal.SIG_DFL
             signal.signal(signum, handler)
 
 
@@ -711,15 +749,18 @@ def train(args):
     """Train to --epochs or --max-steps, or a stop: the exit code."""
     device = pick_device(args.device)
     if args.dataset == "fake" and device.type == "cpu":
-        raise GanError(f"--dataset fake checks a GPU against the CPU: {gpu_status()}")
+        raise GanError(f"--dataset fake checks a GPU against the CPU, not the CPU itself: "
+                       f"{gpu_status()}")
     if args.dataset == "fake":  # before the run draws numbers
         device_check(args, device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores
-    args.data_dir = str(Path(args.data_dir).resolve())  # for a moved run
+    # Absolute: --generate --eval reads the data from any folder
+    args.data_dir = str(Path(args.data_dir).resolve())
     if args.dataset == "fake":  # random pixels, the same every run
+        rng = torch.Generator().manual_seed(0)
         shape = (60_000, *IMAGE_SHAPE)
-        pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator())
+        pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=rng)
     elif args.dataset == "folder":
         pixels = read_folder(args.data_dir, args.channels, args.image_size)
     else:
@@ -730,6 +771,9 @@ def train(args):
     run_dir = make_run_folder(args.out_dir)
     with folder_lock(run_dir), StopRequest() as stop:
         run = open_run(args, device, run_dir)
+        if run.order is not None and len(run.order) != len(pixels):  # the folder changed
+            raise GanError(f"the run's epoch has {len(run.order)} images, {args.data_dir} has "
+                           f"{len(pixels)}: put them back, or start a new run")
         name = device
         if device.type == "cuda":
             name = torch.cuda.get_device_name(device)
@@ -737,13 +781,13 @@ def train(args):
               f"{len(pixels)} training images, run folder {run_dir}\n"
               f"flags {json.dumps(run_flags(args))}", flush=True)
         train_run(run, args, pixels, run_dir, stop)
-    if stop.signal:
-        print(f"{signal.Signals(stop.signal).name}: saved. To resume: "
+    if stop.signum:
+        print(f"{signal.Signals(stop.signum).name}: saved. To resume: "
               f"python vanilla_gan.py --resume {run_dir}")
-        return 128 + stop.signal  # 130 (SIGINT) or 143 (SIGTERM)
+        return 128 + stop.signum  # 130 (SIGINT) or 143 (SIGTERM)
     if args.eval:  # noise of their own, the same in every report
-        gen = torch.Generator().manual_seed(0)
-        z = torch.randn(EVAL_SAMPLES, args.latent_dim, generator=gen)
+        rng = torch.Generator().manual_seed(0)
+        z = torch.randn(EVAL_SAMPLES, args.latent_dim, generator=rng)
         images = sample(run.ema.G, z.to(device))
         report_quality(images, args.dataset, args.data_dir, device)
     print(f"done: {run.step} steps. Outputs in {run_dir}")
@@ -788,7 +832,7 @@ def train_run(run, args, pixels, run_dir, stop):
         save_metrics(run, run_dir)
     else:  # a new run claims its folder before any training
         save_checkpoint(run, args, run_dir)
-    while run.step < last_step and stop.signal is None:
+    while run.step < last_step and stop.signum is None:
         start = time.perf_counter()
         means = train_part(run, args, pixels, last_step, stop)
         if not all(p.isfinite().all() for p in run.G.parameters()):  # before a save
@@ -804,8 +848,8 @@ def train_run(run, args, pixels, run_dir, stop):
             run.order = None
             run.done = 0
             grid = f"epoch_{run.epoch:03d}.png"
-        save_grid(sample(run.ema.G, run.fixed_noise), run_dir / "samples" / grid)
         save_checkpoint(run, args, run_dir)
+        save_grid(sample(run.ema.G, run.fixed_noise), run_dir / "samples" / grid)
     plot_losses(run.metrics, steps_per_epoch, run_dir / "losses.png")
 
 
@@ -821,7 +865,7 @@ def train_part(run, args, pixels, last_step, stop):
         sums += stats  # on the device: no waiting
         run.step += 1
         run.done += args.batch_size
-        stopping = run.step >= last_step or stop.signal is not None
+        stopping = run.step >= last_step or stop.signum is not None
         if stopping or run.step % args.log_every == 0:
             stats = stats.tolist()  # waits for the step: only here
             rate = (run.step - first_step) * args.batch_size / (time.perf_counter() - start)
@@ -843,26 +887,24 @@ def generate(args):
     """N images of a run's averaged G, as a grid or a tensor."""
     device = pick_device(args.device)
     source = checkpoint_file(args.checkpoint)
-    out = args.out or source.parent / "generated.png"
-    run_dir = source.parent.resolve()
-    own = [source.resolve(), *(run_dir / name for name in ("flags.json", "metrics.csv"))]
-    own.append(run_dir / "losses.png")
-    if out.resolve() in own or out.resolve().parent == run_dir / "samples":
-        raise GanError(f"--out {out} would replace a file of the run")
-    checkpoint = load_checkpoint(source)
-    G = load_generator(source, device)
-    # Noise drawn on the CPU: a seed gives the same images anywhere
-    gen = torch.Generator().manual_seed(args.seed)
-    z = torch.randn(args.generate, G.latent_dim, generator=gen)
+    out = source.parent / "generated.png"
+    if args.out:
+        out = args.out
+    in_samples = out.parent.name == "samples" and (out.parent.parent / "checkpoint.pt").exists()
+    if out.name in RUN_FILES or out.resolve() == source.resolve() or in_samples:
+        raise GanError(f"--out {out} would replace a run's own file")
+    checkpoint = load_checkpoint(source)  # once: a trainer may be saving a newer one
+    G = averaged_generator(checkpoint, device)
+    # Noise drawn on the CPU: a seed gives the same noise on any device
+    rng = torch.Generator().manual_seed(args.seed)
+    z = torch.randn(args.generate, G.latent_dim, generator=rng)
     images = sample(G, z.to(device)).cpu()
     if out.suffix.lower() == ".pt":
         buffer = io.BytesIO()
         torch.save(images, buffer)
         write_atomically(out, buffer.getvalue())
-    elif out.suffix:
-        save_grid(images, out)
     else:
-        raise GanError(f"--out {out}: end it in .png, .jpg, ... or .pt")
+        save_grid(images, out)
     print(f"wrote {len(images)} images to {out}: the averaged G at step {checkpoint['step']} "
           f"(epochs done: {checkpoint['epoch']})")
     if checkpoint["step"] == 0:
