@@ -209,11 +209,15 @@ def load_dataset(name, data_dir, train=True):
     from torchvision.datasets.utils import check_integrity
     dataset = getattr(torchvision.datasets, DATASETS[name])
     raw = Path(data_dir) / dataset.__name__ / "raw"
-    made = [p for p in (raw, raw.parent, Path(data_dir)) if not p.exists()]
+    made = []  # the folders torchvision will make: gone again if it fails
+    folder = raw
+    while not folder.exists():
+        made.append(folder)
+        folder = folder.parent
     try:
         data = dataset(data_dir, train, download=True)
     except Exception as e:  # AssertionError, ValueError too
-        for folder in made:  # a wrong --data-dir leaves no folder
+        for folder in made:  # innermost first
             with contextlib.suppress(OSError):
                 folder.rmdir()
         lines = str(e).strip().splitlines()
@@ -558,6 +562,7 @@ def checked(cast, is_valid, expected):
 positive_int = checked(int, lambda n: n > 0, "positive")
 positive = checked(float, lambda x: 0 < x < math.inf, "positive")
 fraction = checked(float, lambda x: 0 <= x < 1, "in [0, 1)")
+seed = checked(int, lambda n: 0 <= n < 2**64, "a seed in [0, 2**64)")
 device_name = checked(str, lambda x: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", x), DEVICES)
 
 
@@ -568,10 +573,10 @@ def build_parser():
     parser.add_argument("--max-steps", type=positive_int, metavar="N",
                         help="stop when the run has N steps (not saved)")
     parser.add_argument("--device", type=device_name, default="auto",
-                        help=f"{DEVICES} (default: auto)")
+                        help=f"{DEVICES} (default: auto, which is cuda, else mps, else cpu)")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    parser.add_argument("--seed", type=int, default=42,
-                        help="seeds weights, noise and order (default: 42)")
+    parser.add_argument("--seed", type=seed, default=42,
+                        help="seeds weights, noise and order; with --generate, z (default: 42)")
     parser.add_argument("--dataset", default="mnist", choices=[*DATASETS, "fake", "folder"],
                         help="fake: random pixels, the GPU check; folder: your images "
                         "(default: mnist)")
@@ -589,7 +594,7 @@ def build_parser():
     parser.add_argument("--d-hidden", type=positive_int, nargs="+", metavar="W",
                         default=[512, 256], help="D's hidden widths (default: 512 256)")
     parser.add_argument("--d-dropout", type=fraction, default=0.3, metavar="P",
-                        help="Dropout in D's hidden layers (default: 0.3)")
+                        help="Dropout in D's hidden layers, 0 for none (default: 0.3)")
     parser.add_argument("--ema-decay", type=fraction, default=0.9995, metavar="X",
                         help="decay of G's average; 0 samples G itself (default: 0.9995)")
     parser.add_argument("--batch-size", type=positive_int, default=128, metavar="N",
@@ -600,7 +605,8 @@ def build_parser():
                         help="the run folder (default: a new one in runs/)")
     parser.add_argument("--log-every", type=positive_int, default=100, metavar="N",
                         help="print and record every N steps (default: 100)")
-    parser.add_argument("--eval", action="store_true", help="report FID and class shares")
+    parser.add_argument("--eval", action="store_true",
+                        help="report FID and class shares of 10,000 samples (digits only)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", metavar="RUN", help="continue a run folder or checkpoint")
     start.add_argument("--generate", type=positive_int, metavar="N",
@@ -636,10 +642,6 @@ def parse_args(argv=None):
         saved = load_checkpoint(path)["args"]
         parser.set_defaults(**saved, out_dir=str(path.parent))
         args = parser.parse_args(argv)
-    if args.eval and args.dataset in ("fake", "folder"):
-        parser.error(f"--eval needs digits, not {args.dataset}")
-    if args.dataset != "folder" and image_shape(args) != IMAGE_SHAPE:
-        parser.error("--channels and --image-size are for --dataset folder")
     kept = KEPT & saved.keys()
     if args.generate:
         kept.discard("seed")  # --generate's seed draws z
@@ -648,6 +650,10 @@ def parse_args(argv=None):
             flag = f"--{name.replace('_', '-')}"
             raise GanError(f"the run has {flag} {shown(saved[name])}, not "
                            f"{shown(getattr(args, name))}: it keeps them")
+    if args.eval and args.dataset in ("fake", "folder"):
+        parser.error(f"--eval needs digits, not {args.dataset}")
+    if args.dataset != "folder" and image_shape(args) != IMAGE_SHAPE:
+        parser.error("--channels and --image-size are for --dataset folder")
     return args
 
 
@@ -768,6 +774,12 @@ def train(args):
     pixels = pixels.to(device)
     if args.batch_size > len(pixels):
         raise GanError(f"--batch-size {args.batch_size} exceeds the {len(pixels)} images")
+    target = Path("runs")
+    if args.out_dir:
+        target = Path(args.out_dir)
+    inside = target.resolve().is_relative_to(args.data_dir)
+    if args.dataset == "folder" and inside:  # its grids would become training images
+        raise GanError(f"--out-dir: choose a run folder outside --data-dir {args.data_dir}")
     run_dir = make_run_folder(args.out_dir)
     with folder_lock(run_dir), StopRequest() as stop:
         run = open_run(args, device, run_dir)
@@ -797,8 +809,9 @@ def train(args):
 def make_run_folder(out_dir):
     """--out-dir, or a new runs/<date-time>-<random>."""
     try:
-        if out_dir is None:
-            Path("runs").mkdir(exist_ok=True)
+        if not out_dir:  # None, or an empty --out-dir ""
+            out_dir = "runs"  # named if the next line fails
+            Path(out_dir).mkdir(exist_ok=True)
             stamp = time.strftime("%Y%m%d-%H%M%S-")
             out_dir = tempfile.mkdtemp(prefix=stamp, dir="runs")
         (Path(out_dir) / "samples").mkdir(parents=True, exist_ok=True)
@@ -892,7 +905,7 @@ def generate(args):
         out = args.out
     in_samples = out.parent.name == "samples" and (out.parent.parent / "checkpoint.pt").exists()
     if out.name in RUN_FILES or out.resolve() == source.resolve() or in_samples:
-        raise GanError(f"--out {out} would replace a run's own file")
+        raise GanError(f"--out {out} is for a run's own files: choose another")
     checkpoint = load_checkpoint(source)  # once: a trainer may be saving a newer one
     G = averaged_generator(checkpoint, device)
     # Noise drawn on the CPU: a seed gives the same noise on any device
