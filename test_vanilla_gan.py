@@ -573,10 +573,9 @@ def test_the_readme_sets_up_a_venv_and_its_python_blocks_run_as_written(trained,
         write_dataset(tmp_path / "data", n_train=2048)
     here = f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r})\n"
     (tmp_path / "notebook.py").write_text(here + blocks[0] + "\nassert code == 0\n")
-    (tmp_path / "load.py").write_text(here + blocks[1])
-    for script in ("notebook.py", "notebook.py", "load.py"):
-        if script == "load.py":
-            shutil.copytree(trained[0], tmp_path / "runs" / "mnist")
+    (tmp_path / "both.py").write_text(here + blocks[0] + "\nassert code == 0\n" + blocks[1])
+    shutil.copytree(trained[0], tmp_path / "runs" / "mnist")
+    for script in ("notebook.py", "both.py"):  # the notebook block twice, then the other one
         proc = subprocess.run([sys.executable, script], cwd=tmp_path, capture_output=True,
                               text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout + proc.stderr

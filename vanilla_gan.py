@@ -34,6 +34,7 @@ def mlp(widths, dropout=0.0):
     """Linear layers through `widths`; after each hidden one,
     LeakyReLU and Dropout (if asked)."""
     layers = []
+    # Each neighbouring pair (in, out) but the last is a hidden layer
     for width_in, width_out in zip(widths[:-2], widths[1:-1]):
         layers.append(nn.Linear(width_in, width_out))
         # LeakyReLU: a gradient for negative inputs too
