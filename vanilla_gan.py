@@ -341,7 +341,8 @@ def save_checkpoint(run, args, run_dir):
         rng["cuda"] = torch.cuda.get_rng_state(device)
     if device.type == "mps":
         rng["mps"] = torch.mps.get_rng_state()
-    checkpoint = {"args": run_flags(args), "rng": rng, "G_avg": run.ema.G.state_dict()}
+    flags = run_flags(args)
+    checkpoint = {"args": flags, "rng": rng, "G_avg": run.ema.G.state_dict()}
     for name in STATEFUL:
         checkpoint[name] = getattr(run, name).state_dict()
     for name in PROGRESS:
@@ -349,8 +350,8 @@ def save_checkpoint(run, args, run_dir):
     buffer = io.BytesIO()  # to memory: torch.save to a full disk raises a RuntimeError
     torch.save(checkpoint, buffer)
     write_atomically(run_dir / "checkpoint.pt", buffer.getvalue())
-    flags = json.dumps(run_flags(args), indent=2) + "\n"
-    write_atomically(run_dir / "flags.json", flags.encode())
+    text = json.dumps(flags, indent=2) + "\n"
+    write_atomically(run_dir / "flags.json", text.encode())
     save_metrics(run, run_dir)
 
 
@@ -824,14 +825,14 @@ def make_run_folder(out_dir):
 def open_run(args, device, run_dir):
     """The run resumed here, read under the lock; or a new one, if the folder has none."""
     own = run_dir / "checkpoint.pt"
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume)
-        if checkpoint_file(args.resume).resolve() == own.resolve():
-            return new_run(args, device, checkpoint)
+    if args.resume and checkpoint_file(args.resume).resolve() == own.resolve():
+        return new_run(args, device, load_checkpoint(own))
     if own.exists():
         raise GanError(f"{run_dir} already holds a run; continue it with --resume "
                        f"{run_dir}, or choose another --out-dir")
+    checkpoint = None
+    if args.resume:  # a run continued in a new folder
+        checkpoint = load_checkpoint(args.resume)
     return new_run(args, device, checkpoint)
 
 
