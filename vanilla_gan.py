@@ -1,20 +1,18 @@
 """A vanilla GAN (Goodfellow et al., 2014) on MNIST, in one file.
 
-The Generator G turns random noise z into images; the Discriminator D tells real digits from G's
-fakes, and G learns to fool it. The GAN comes first; below the marked line, the script around it.
+The Generator G turns random noise z into images; the Discriminator D
+tells real digits from G's fakes, and G learns to fool it. The GAN
+comes first; below the marked line, the script around it.
 """
 import argparse
 import contextlib
 import copy
 import csv
-import io
 import json
 import math
 import os
 import re
-import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,39 +20,39 @@ from pathlib import Path
 import torch
 from torch import nn
 
-try:
-    import fcntl  # to lock a run folder; Windows has none
-except ImportError:
-    fcntl = None
-
 IMAGE_SHAPE = (1, 28, 28)  # MNIST's channels, height, width
+# LeakyReLU: a gradient for negative inputs too
+ACTIVATIONS = {"leaky-relu": lambda: nn.LeakyReLU(0.2), "relu": nn.ReLU}
 
 
-def mlp(widths, dropout=0.0):
-    """Linear layers through `widths`; after each hidden one,
-    LeakyReLU and Dropout (if asked)."""
-    layers = []
-    # Each neighbouring pair (in, out) but the last is a hidden layer
-    for width_in, width_out in zip(widths[:-2], widths[1:-1]):
-        layers.append(nn.Linear(width_in, width_out))
-        # LeakyReLU: a gradient for negative inputs too
-        layers.append(nn.LeakyReLU(0.2))
+def mlp(widths, activation="leaky-relu", batchnorm=False, dropout=0.0):
+    """Linear layers through `widths`; after each hidden one, BatchNorm
+    (if asked), the activation and Dropout (if asked)."""
+    layers = [nn.Linear(widths[0], widths[1])]
+    for width, next_width in zip(widths[1:], widths[2:]):
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(width))
+        layers.append(ACTIVATIONS[activation]())
         if dropout:
             layers.append(nn.Dropout(dropout))
-    return [*layers, nn.Linear(widths[-2], widths[-1])]
+        layers.append(nn.Linear(width, next_width))
+    return layers
 
 
 class Generator(nn.Module):
     """Noise z (N, latent_dim) -> images (N, *image_shape) in [-1, 1]."""
 
     def __init__(self, latent_dim=100, hidden=(256, 512, 1024),
-                 image_shape=IMAGE_SHAPE):
+                 image_shape=IMAGE_SHAPE, activation="leaky-relu",
+                 batchnorm=False):
         super().__init__()
         self.latent_dim = latent_dim
         self.image_shape = tuple(image_shape)
         widths = [latent_dim, *hidden, math.prod(image_shape)]
-        # Tanh: the range of the scaled data
-        self.net = nn.Sequential(*mlp(widths), nn.Tanh())
+        # BatchNorm (if asked) normalises over the batch in training,
+        # by running statistics in eval mode. Tanh: the data's range.
+        layers = mlp(widths, activation, batchnorm)
+        self.net = nn.Sequential(*layers, nn.Tanh())
 
     def forward(self, z):
         return self.net(z).view(-1, *self.image_shape)
@@ -69,7 +67,8 @@ class Discriminator(nn.Module):
         # Dropout: a noisier D, slower to memorise the data.
         # No Sigmoid: the loss takes logits.
         widths = [math.prod(image_shape), *hidden, 1]
-        self.net = nn.Sequential(nn.Flatten(), *mlp(widths, dropout))
+        layers = mlp(widths, dropout=dropout)
+        self.net = nn.Sequential(nn.Flatten(), *layers)
 
     def forward(self, images):
         return self.net(images)
@@ -155,7 +154,7 @@ class EMA:
             # averaged += (1 - decay) (live - averaged)
             averaged.lerp_(live, 1 - decay)
         for averaged, live in zip(self.G.buffers(), G.buffers()):
-            averaged.copy_(live)  # BatchNorm's statistics, if any: copied
+            averaged.copy_(live)  # BatchNorm's statistics: copied
 
 
 def to_unit_range(pixels):
@@ -206,73 +205,55 @@ DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST
 
 def load_dataset(name, data_dir, train=True):
     """A split's uint8 images (N, 1, 28, 28) and labels (N,)."""
-    import torchvision  # imported where needed: --help starts faster
-    from torchvision.datasets.utils import check_integrity
+    import torchvision  # here: --help starts faster
     dataset = getattr(torchvision.datasets, DATASETS[name])
-    raw = Path(data_dir) / dataset.__name__ / "raw"
-    made = []  # the folders torchvision will make: gone again if it fails
-    folder = raw
-    while not folder.exists():
-        made.append(folder)
-        folder = folder.parent
+    raw = Path(data_dir, dataset.__name__, "raw")
+    made = [p for p in [raw, *raw.parents] if not p.exists()]
     try:
         data = dataset(data_dir, train, download=True)
-    except Exception as e:  # AssertionError, ValueError too
-        for folder in made:  # innermost first
+    except Exception as e:  # torchvision raises many kinds
+        for folder in made:  # it made them: gone again
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        lines = str(e).strip().splitlines()
-        why = lines[-1] if lines else type(e).__name__
-        files = [gz.removesuffix(".gz") for gz, _ in dataset.resources]
-        missing = [f for f in files if not any(raw.glob(f + "*"))]  # a .gz counts
-        if missing:
-            raise GanError(f"{raw} lacks {', '.join(missing)}, and downloading failed "
-                           f"({why}): put them there, or fix --data-dir") from e
-        damaged = [gz for gz, md5 in dataset.resources
-                   if (raw / gz).exists() and not check_integrity(str(raw / gz), md5)]
-        if damaged:
-            why = ", ".join(damaged)
-        raise GanError(f"damaged files in {raw}: {why}") from e
+        why = " ".join(f"{type(e).__name__}: {e}".split())
+        raise GanError(f"cannot load {name} from {data_dir}: {why}")
     return data.data.unsqueeze(1), data.targets
 
 
 def read_folder(folder, channels, size):
-    """All images under `folder`, uint8, short side scaled to `size`, centre-cropped."""
+    """Each image under `folder`, uint8, fit to `size` x `size`."""
     from PIL import Image, ImageOps
     from torchvision.datasets.folder import IMG_EXTENSIONS
     from torchvision.transforms.functional import pil_to_tensor
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
-    if not paths:
-        raise GanError(f"no images in {folder} ({' '.join(IMG_EXTENSIONS)})")
-    print(f"reading {len(paths):,} images", flush=True)
-    start = time.perf_counter()
     images = []
     bad = []
-    for path in paths:
+    for path in sorted(Path(folder).rglob("*")):
+        if path.suffix.lower() not in IMG_EXTENSIONS:
+            continue
         try:
             with Image.open(path) as image:
                 image = image.convert({1: "L", 3: "RGB"}[channels])
         except Exception:  # PIL raises many kinds
             bad.append(path)
             continue
-        images.append(pil_to_tensor(ImageOps.fit(image, (size, size))))
-    if not images:
-        raise GanError(f"no image in {folder} can be read, e.g. {bad[0]}")
-    print(f"{len(images):,} images from {folder} in {time.perf_counter() - start:.1f}s")
+        image = ImageOps.fit(image, (size, size))
+        images.append(pil_to_tensor(image))
     if bad:
-        print(f"{len(bad):,} unreadable, skipped, e.g. {bad[0]}")
+        print(f"{len(bad)} unreadable, skipped, e.g. {bad[0]}")
+    if not images:
+        raise GanError(f"no readable images in {folder}")
     return torch.stack(images)
 
 
 # ---- Checkpoints ----
 STATS = ("Loss_D", "Loss_G", "D(x)", "D(G(z))")  # train_step's
 # The flags a resumed run keeps; SAVED adds those it may change
-KEPT = {"latent_dim", "g_hidden", "d_hidden", "d_dropout", "ema_decay", "dataset",
-        "channels", "image_size", "batch_size", "seed"}
+KEPT = {"latent_dim", "g_hidden", "g_activation", "g_batchnorm",
+        "d_hidden", "d_dropout", "ema_decay", "dataset", "channels",
+        "image_size", "batch_size", "seed"}
 SAVED = KEPT | {"epochs", "lr", "log_every", "data_dir"}
-STATEFUL = ("G", "D", "opt_G", "opt_D")  # saved by their state_dict()
+STATEFUL = ("G", "D", "opt_G", "opt_D")  # by their state_dict()
 PROGRESS = ("epoch", "step", "order", "done", "fixed_noise", "metrics")
-RUN_FILES = ("checkpoint.pt", "flags.json", "metrics.csv", "losses.png")
 
 
 @dataclass
@@ -283,39 +264,41 @@ class Run:
     opt_G: torch.optim.Optimizer
     opt_D: torch.optim.Optimizer
     ema: EMA  # grids, --generate and --eval sample its G
-    fixed_noise: torch.Tensor  # every grid's z: grids compare
+    fixed_noise: torch.Tensor  # each grid's z: grids compare
     epoch: int = 0  # epochs completed
     step: int = 0  # one D and one G update each
     order: torch.Tensor | None = None  # this epoch's image order
-    done: int = 0  # images of `order` trained on so far
+    done: int = 0  # images of `order` trained on
     metrics: list = field(default_factory=list)  # logged rows
 
 
-def image_shape(args):
-    return (args.channels, args.image_size, args.image_size)
+def image_shape(flags):
+    return (flags["channels"], flags["image_size"], flags["image_size"])
 
 
-def new_run(args, device, checkpoint=None):
-    """A run from its flags: new, or as `checkpoint` left it."""
-    torch.manual_seed(args.seed)  # weights, grid noise, orders, z, dropout
-    G = Generator(args.latent_dim, args.g_hidden, image_shape(args)).to(device)
-    D = Discriminator(args.d_hidden, args.d_dropout, image_shape(args)).to(device)
-    opt_G = make_optimizer(G, args.lr)
-    opt_D = make_optimizer(D, args.lr)
-    noise = torch.randn(64, args.latent_dim).to(device)
-    run = Run(G, D, opt_G, opt_D, EMA(G, args.ema_decay), noise)
+def make_generator(flags):  # .get: runs from before those flags
+    return Generator(flags["latent_dim"], flags["g_hidden"], image_shape(flags),
+                     flags.get("g_activation", "leaky-relu"), flags.get("g_batchnorm", False))
+
+
+def new_run(flags, device, checkpoint=None):
+    """A run from its flags (a dict): new, or as `checkpoint` left it."""
+    torch.manual_seed(flags["seed"])  # weights, noise, order, dropout
+    G = make_generator(flags).to(device)
+    D = Discriminator(flags["d_hidden"], flags["d_dropout"], image_shape(flags))
+    D = D.to(device)
+    opt_G = make_optimizer(G, flags["lr"])
+    opt_D = make_optimizer(D, flags["lr"])
+    noise = torch.randn(64, G.latent_dim).to(device)
+    run = Run(G, D, opt_G, opt_D, EMA(G, flags["ema_decay"]), noise)
     if checkpoint is None:
         return run
     for name in STATEFUL:
         getattr(run, name).load_state_dict(checkpoint[name])
     run.ema.G.load_state_dict(checkpoint["G_avg"])
     run.ema.steps = checkpoint["step"]
-    for opt in (opt_G, opt_D):  # the lr typed now; fused Adam only where the device has it
-        fused = opt.defaults["fused"]
-        for group in opt.param_groups:
-            group.update(lr=args.lr, fused=fused)
-        for param, state in opt.state.items():  # fused Adam counts steps on the device
-            state["step"] = state["step"].to(param.device if fused else "cpu")
+    for group in [*opt_G.param_groups, *opt_D.param_groups]:
+        group["lr"] = flags["lr"]  # the lr typed now
     for name in PROGRESS:
         value = checkpoint[name]
         if isinstance(value, torch.Tensor):
@@ -324,66 +307,38 @@ def new_run(args, device, checkpoint=None):
     torch.set_rng_state(checkpoint["rng"]["cpu"])
     if device.type == "cuda" and "cuda" in checkpoint["rng"]:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-    if device.type == "mps" and "mps" in checkpoint["rng"]:
-        torch.mps.set_rng_state(checkpoint["rng"]["mps"])
     return run
 
 
-def run_flags(args):
-    return {name: getattr(args, name) for name in sorted(SAVED)}
+@contextlib.contextmanager
+def written_whole(path, exclusive=False):
+    """Yields a temporary path to write; renamed to `path` after."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if exclusive:
+            os.link(tmp, path)  # only a new one: FileExistsError
+        else:
+            os.replace(tmp, path)  # a crash leaves the old one whole
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def save_checkpoint(run, args, run_dir):
-    """checkpoint.pt, flags.json and metrics.csv, each whole."""
+def save_checkpoint(run, flags, run_dir, exclusive=False):
+    """checkpoint.pt, all it takes to resume, and flags.json."""
     rng = {"cpu": torch.get_rng_state()}
     device = run.fixed_noise.device
     if device.type == "cuda":  # its own generator draws z there
         rng["cuda"] = torch.cuda.get_rng_state(device)
-    if device.type == "mps":
-        rng["mps"] = torch.mps.get_rng_state()
-    flags = run_flags(args)
     checkpoint = {"args": flags, "rng": rng, "G_avg": run.ema.G.state_dict()}
     for name in STATEFUL:
         checkpoint[name] = getattr(run, name).state_dict()
     for name in PROGRESS:
         checkpoint[name] = getattr(run, name)
-    buffer = io.BytesIO()  # to memory: torch.save to a full disk raises a RuntimeError
-    torch.save(checkpoint, buffer)
-    write_atomically(run_dir / "checkpoint.pt", buffer.getvalue())
-    text = json.dumps(flags, indent=2) + "\n"
-    write_atomically(run_dir / "flags.json", text.encode())
-    save_metrics(run, run_dir)
-
-
-def save_metrics(run, run_dir):
-    table = io.StringIO()
-    writer = csv.DictWriter(table, ["epoch", "step", *STATS, "images_per_s"])
-    writer.writeheader()
-    writer.writerows(run.metrics)
-    write_atomically(run_dir / "metrics.csv", table.getvalue().encode())
-
-
-def write_atomically(path, data):
-    """Via a file renamed over `path`: a crash or full disk leaves the old one whole."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename
-        os.replace(tmp, path)
-        if os.name == "posix":  # the rename on disk too
-            folder = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
-    except OSError as e:
-        reason = e.strerror if e.strerror else type(e).__name__
-        raise GanError(f"cannot write {path} ({reason})") from e
-    finally:
-        with contextlib.suppress(OSError):  # must not mask an error
-            tmp.unlink()
+    with written_whole(run_dir / "checkpoint.pt", exclusive) as tmp:
+        torch.save(checkpoint, tmp)
+    with written_whole(run_dir / "flags.json") as tmp:
+        tmp.write_text(json.dumps(flags, indent=2) + "\n")
 
 
 def checkpoint_file(run):
@@ -400,87 +355,63 @@ def load_checkpoint(run):
         raise GanError(f"no checkpoint at {path}")
     try:  # weights_only: loading runs no code
         checkpoint = torch.load(path, "cpu", weights_only=True)
-    except Exception as e:  # pickle's, zip's or torch's errors
-        raise GanError(f"{path} is damaged or not a vanilla_gan checkpoint") from e
+    except Exception:  # pickle's, zip's or torch's errors
+        raise GanError(f"{path} is damaged or not a checkpoint")
     keys = {"args", "rng", "G_avg", *STATEFUL, *PROGRESS}
     if not isinstance(checkpoint, dict) or keys - checkpoint.keys():
         raise GanError(f"{path} is not a vanilla_gan checkpoint")
     return checkpoint
 
 
-def load_generator(run, device="cpu"):
+def load_generator(run, device="cpu", checkpoint=None):
     """A run's averaged G, in eval mode, for sample(G, z)."""
-    return averaged_generator(load_checkpoint(run), device)
-
-
-def averaged_generator(checkpoint, device):
-    parser = build_parser()
-    parser.set_defaults(**checkpoint["args"])  # the run's flags; defaults for older runs
-    args = parser.parse_args([])
-    G = Generator(args.latent_dim, args.g_hidden, image_shape(args))
+    if checkpoint is None:
+        checkpoint = load_checkpoint(run)
+    G = make_generator(checkpoint["args"])
     G.load_state_dict(checkpoint["G_avg"])
     return G.requires_grad_(False).eval().to(device)
 
 
-@contextlib.contextmanager
-def folder_lock(folder):
-    """One trainer in a run folder; the OS unlocks it when the process ends, killed too."""
-    if fcntl is None:  # Windows
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise GanError(f"{folder} is in use by another trainer") from None
-    except OSError:  # a file system without locks (some network ones): train unlocked
-        pass
-    try:
-        yield
-    finally:
-        os.close(fd)  # and with it the lock
-
-
 # ---- Outputs ----
 def save_grid(images, path):
-    """A square grid, as PNG, JPEG, ... by the path's ending."""
     from PIL import Image
     from torchvision.utils import save_image
     image_format = Image.registered_extensions().get(path.suffix.lower())
     if image_format not in Image.SAVE:
-        raise GanError(f"{path}: end it in .png, .jpg, ... (or .pt for a tensor)")
-    buffer = io.BytesIO()
+        raise GanError(f"{path}: end it in .png, .jpg, ... or .pt")
     side = math.ceil(len(images) ** 0.5)
-    save_image(images, buffer, image_format, nrow=side, normalize=True, value_range=(-1, 1))
-    write_atomically(path, buffer.getvalue())
+    with written_whole(path) as tmp:
+        save_image(images, tmp, image_format, nrow=side, normalize=True,
+                   value_range=(-1, 1))
 
 
-# Each curve's value when D can only guess: D(x) = D(G(z)) = 1/2
-EQUILIBRIA = {"Loss_D": 2 * math.log(2), "Loss_G": math.log(2), "D(x)": 0.5,
-              "D(G(z))": 0.5}
+def save_metrics(rows, path):
+    with written_whole(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, ["epoch", "step", *STATS, "images_per_s"])
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def plot_losses(rows, steps_per_epoch, path):
     from matplotlib.figure import Figure  # no GUI, no global state
     ax = Figure(figsize=(8, 4), layout="constrained").subplots()
     epochs = [row["step"] / steps_per_epoch for row in rows]
-    for key, guess in EQUILIBRIA.items():
-        line = ax.plot(epochs, [row[key] for row in rows], label=key)[0]
-        ax.axhline(guess, color=line.get_color(), ls="--")
-    ax.set(xlabel="epoch", title="dashed: each value when D can only guess")
+    for name in STATS:  # dots: a single row shows too
+        ax.plot(epochs, [row[name] for row in rows], ".-", label=name)
+    for guess in (2 * math.log(2), math.log(2), 0.5):
+        ax.axhline(guess, color="grey", ls="--", lw=1)
+    ax.set(xlabel="epoch", title="dashed: where D can only guess")
     ax.legend()
-    buffer = io.BytesIO()
-    ax.figure.savefig(buffer, format="png")
-    write_atomically(path, buffer.getvalue())
-    return ax.figure
+    with written_whole(path) as tmp:
+        ax.figure.savefig(tmp, format="png")
 
 
 # ---- The quality report ----
 def train_classifier(images, labels, device, epochs=3):
     """The judge: a small seeded CNN (99% on MNIST)."""
-    with torch.random.fork_rng(devices=[]):  # the CPU's RNG: the GAN's stays
-        torch.default_generator.manual_seed(0)  # not torch.manual_seed: it seeds GPUs too
+    with torch.random.fork_rng(devices=[]):  # the GAN's RNG stays
+        torch.default_generator.manual_seed(0)  # the CPU's only
         model = nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -489,7 +420,8 @@ def train_classifier(images, labels, device, epochs=3):
         images = images.to(device)
         labels = labels.to(device)
         optimizer = torch.optim.Adam(model.parameters())
-        steps = epochs * math.ceil(len(images) / 128)  # one-cycle: 99% in 3 epochs
+        steps = epochs * math.ceil(len(images) / 128)
+        # one-cycle: 99% in 3 epochs
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, steps)
         for _ in range(epochs):
             for index in torch.randperm(len(images)).split(128):
@@ -506,7 +438,8 @@ def train_classifier(images, labels, device, epochs=3):
 def judge(classifier, images):
     """The 128 features FID uses, and each image's class."""
     device = classifier[0].weight.device
-    features = torch.cat([classifier[:-1](x.to(device)) for x in images.split(500)])
+    batches = images.split(500)
+    features = torch.cat([classifier[:-1](x.to(device)) for x in batches])
     classes = classifier[-1](features).argmax(1).cpu()
     return features.cpu().double(), classes  # MPS has no float64
 
@@ -530,25 +463,292 @@ def report_quality(images, dataset, data_dir, device):
     train_images, labels = load_dataset(dataset, data_dir)
     test_images = load_dataset(dataset, data_dir, False)[0]
     print("training the judge", flush=True)
-    torch.set_float32_matmul_precision("highest")  # no TF32: main() restores the setting
+    torch.set_float32_matmul_precision("highest")  # no TF32; main() restores
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         classifier = train_classifier(train_images, labels, device)
         features, classes = judge(classifier, images)
         real = judge(classifier, to_unit_range(test_images))[0]
     fid = frechet_distance(features, real)
     shares = torch.bincount(classes, minlength=10) / len(images)
-    few = ""
-    if len(images) < EVAL_SAMPLES:
-        few = " (too few samples to compare)"
     rarest = shares.argmin().item()
-    print(f"quality of {len(images)} samples: FID {fid:.2f}{few}, rarest class "
+    print(f"quality of {len(images)} samples: FID {fid:.2f}, rarest class "
           f"{rarest} at {shares[rarest]:.1%}", flush=True)
     return fid, shares
 
 
+# ---- Devices, and the device check ----
+def pick_device(name):
+    if name == "auto":
+        name = "cpu"
+        if torch.backends.mps.is_available():
+            name = "mps"
+        if torch.cuda.is_available():
+            name = "cuda"
+    device = torch.device(name)
+    count = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= count:
+        why = "is built without CUDA"
+        if torch.version.cuda:
+            why = f"sees {count} CUDA device(s) (no driver?)"
+        raise GanError(f"no {name} here: torch {torch.__version__} {why}")
+    if device.type == "cuda":  # TF32 tensor cores; main() restores
+        torch.set_float32_matmul_precision("high")
+    return device
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return str(device)
+
+
+TOLERANCE = 1e-4  # rounding differs by ~1e-6, a layer off by 0.5% by ~1e-2
+CHECK_SECONDS = 10  # --check-device times training this long
+
+
+def check_device(flags, device):
+    """A GPU's step against the CPU's, then training's speed."""
+    print(f"device {device_name(device)}  torch {torch.__version__}  "
+          f"CUDA {torch.version.cuda}", flush=True)
+    if device.type != "cpu":  # the CPU is the reference
+        error = compare_with_cpu(flags, device)
+        if not error <= TOLERANCE:  # NaN fails too
+            raise GanError(f"device check failed: {device} differs from the CPU "
+                           f"by {error:.1e}")
+        print(f"device check passed: {device} matches the CPU to {error:.0e}")
+    seconds = seconds_per_step(flags, device)
+    batch = flags["batch_size"]
+    steps = flags["epochs"] * (60_000 // batch)
+    print(f"training: {batch / seconds:,.0f} img/s; {flags['epochs']} epochs of "
+          f"MNIST ({steps:,} steps) in {steps * seconds / 60:.1f} min")
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        print(f"peak GPU memory {peak:.2f} GiB")
+    return 0
+
+
+def compare_with_cpu(flags, device, batches=5):
+    """The worst relative difference of one float32 step's losses,
+    gradients and new weights on `device` from the CPU's."""
+    run = new_run(flags, torch.device("cpu"))
+    shape = (batches, flags["batch_size"], *image_shape(flags))
+    real = torch.rand(shape) * 2 - 1
+    z = torch.randn(batches, flags["batch_size"], run.G.latent_dim)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32
+    errors = []
+    for x, noise in zip(real, z):
+        ours = check_step(run, x, noise, device)
+        cpus = check_step(run, x, noise, "cpu")
+        errors.append([((a - b).norm() / b.norm()).item() for a, b in zip(ours, cpus)])
+    torch.set_float32_matmul_precision(precision)
+    # The median drops a batch where rounding flips a LeakyReLU; NaN stays
+    return torch.tensor(errors).median(dim=0).values.max().item()
+
+
+def check_step(run, real, z, device):
+    """A train_step from the run's first weights, on `device`."""
+    G = copy.deepcopy(run.G).to(device)
+    D = copy.deepcopy(run.D).to(device).eval()  # no dropout masks
+    lr = run.opt_G.defaults["lr"]
+    stats = train_step(G, D, make_optimizer(G, lr), make_optimizer(D, lr),
+                       real.to(device), z.to(device))
+    params = [[*G.parameters()], [*D.parameters()]]
+    grads = [torch.cat([p.grad.flatten() for p in net]) for net in params]
+    weights = [torch.cat([p.detach().flatten() for p in net]) for net in params]
+    return [t.cpu() for t in (stats, *grads, *weights)]  # float32: MPS has no 64
+
+
+def seconds_per_step(flags, device, chunk=10):
+    """Training's time a step at these flags, on random pixels, over
+    CHECK_SECONDS after a warm-up."""
+    run = new_run(flags, device)
+    shape = (60_000, *image_shape(flags))  # as many as MNIST
+    pixels = torch.randint(0, 256, shape, dtype=torch.uint8).to(device)
+    order = torch.randint(len(pixels), (chunk * flags["batch_size"],))
+    times = []  # the first chunk's is the warm-up's
+    while sum(times[1:]) < CHECK_SECONDS:
+        start = time.perf_counter()
+        stats = list(train_epoch(run.G, run.D, run.opt_G, run.opt_D, pixels,
+                                 flags["batch_size"], order.to(device),
+                                 flags["amp"], run.ema))
+        stats[-1].tolist()  # waits for the last step
+        times.append(time.perf_counter() - start)
+    return sum(times[1:]) / (chunk * (len(times) - 1))
+
+
+# ---- Training and generating ----
+def train(args, device):
+    """Train to --epochs or --max-steps: the exit code."""
+    # Absolute: a resume and --eval find it from any folder
+    args.data_dir = str(Path(args.data_dir).resolve())
+    if args.dataset == "folder":
+        pixels = read_folder(args.data_dir, args.channels, args.image_size)
+    else:
+        pixels = load_dataset(args.dataset, args.data_dir)[0]
+    pixels = pixels.to(device)
+    if args.batch_size > len(pixels):
+        raise GanError(f"--batch-size {args.batch_size}: only {len(pixels)} images")
+    flags = {name: getattr(args, name) for name in sorted(SAVED)}
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+    run = new_run(flags, device, checkpoint)
+    if run.order is not None and len(run.order) != len(pixels):
+        raise GanError(f"the run's epoch has {len(run.order)} images, "
+                       f"{args.data_dir} {len(pixels)}: put them back")
+    run_dir = run_folder(args)
+    own = checkpoint_file(run_dir).resolve()
+    if args.resume is None or checkpoint_file(args.resume).resolve() != own:
+        try:  # a new run, or one moved on: never over another
+            save_checkpoint(run, flags, run_dir, exclusive=True)
+        except FileExistsError:
+            raise GanError(f"{run_dir} already holds a run; continue it with --resume "
+                           f"{run_dir}, or choose another --out-dir") from None
+    print(f"device {device_name(device)}  torch {torch.__version__}  amp {args.amp}\n"
+          f"{len(pixels)} images, run folder {run_dir}\nflags {json.dumps(flags)}",
+          flush=True)
+    steps_per_epoch = len(pixels) // args.batch_size
+    last_step = args.epochs * steps_per_epoch
+    if args.max_steps:
+        last_step = min(last_step, args.max_steps)
+    if run.step >= last_step:
+        print(f"nothing to train: the run is at step {run.step}")
+    saved_step = run.step
+    try:
+        while run.step < last_step:
+            start = time.perf_counter()
+            means = train_part(run, args, pixels, last_step)
+            if not all(p.isfinite().all() for p in run.G.parameters()):
+                raise GanError(f"diverged by step {run.step}; try a smaller --lr")
+            seconds = time.perf_counter() - start
+            completed = len(run.order) - run.done < args.batch_size
+            state = "done" if completed else "stopped"
+            print(f"epoch {run.epoch + 1}/{args.epochs} {state}: mean "
+                  f"{format_stats(means)}  {seconds:.1f}s", flush=True)
+            grid = f"step_{run.step:07d}.png"
+            if completed:
+                run.epoch += 1
+                run.order = None
+                run.done = 0
+                grid = f"epoch_{run.epoch:03d}.png"
+            save_checkpoint(run, flags, run_dir)
+            saved_step = run.step
+            save_grid(sample(run.ema.G, run.fixed_noise), run_dir / "samples" / grid)
+            save_metrics(run.metrics, run_dir / "metrics.csv")
+            plot_losses(run.metrics, steps_per_epoch, run_dir / "losses.png")
+    except KeyboardInterrupt:  # Ctrl-C: the last checkpoint is whole
+        print(f"interrupted; resume from step {saved_step}: "
+              f"python vanilla_gan.py --resume {run_dir}")
+        return 130
+    if args.eval:  # noise of its own, the same in every report
+        rng = torch.Generator().manual_seed(0)
+        z = torch.randn(EVAL_SAMPLES, args.latent_dim, generator=rng)
+        images = sample(run.ema.G, z.to(device))
+        report_quality(images, args.dataset, args.data_dir, device)
+    print(f"done: {run.step} steps. Outputs in {run_dir}")
+    return 0
+
+
+def run_folder(args):
+    """--out-dir, or a new runs/<date-time>-<random>: runs/latest."""
+    name = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex()
+    folder = Path("runs", name)
+    if args.out_dir:  # None, or "": a new one
+        folder = Path(args.out_dir)
+    inside = folder.resolve().is_relative_to(args.data_dir)
+    if args.dataset == "folder" and inside:  # its grids would train
+        raise GanError(f"--out-dir: not in --data-dir {args.data_dir}")
+    (folder / "samples").mkdir(parents=True, exist_ok=True)
+    if not args.out_dir:
+        with contextlib.suppress(OSError):  # Windows may refuse links
+            with written_whole(Path("runs", "latest")) as tmp:
+                tmp.symlink_to(name, target_is_directory=True)
+    return folder
+
+
+def train_part(run, args, pixels, last_step):
+    """Train to the epoch's end or the last step: the mean stats."""
+    if run.order is None:  # a new order each epoch
+        run.order = torch.randperm(len(pixels), device=pixels.device)
+    sums = torch.zeros(len(STATS), device=pixels.device)
+    first_step = run.step
+    start = time.perf_counter()
+    batches = len(run.order) // args.batch_size
+    for stats in train_epoch(run.G, run.D, run.opt_G, run.opt_D, pixels, args.batch_size,
+                             run.order[run.done:], args.amp, run.ema):
+        sums += stats  # on the device: no waiting
+        run.step += 1
+        run.done += args.batch_size
+        last = run.step >= last_step
+        if last or run.step % args.log_every == 0:
+            stats = stats.tolist()  # waits for the step: only here
+            seconds = time.perf_counter() - start
+            rate = (run.step - first_step) * args.batch_size / seconds
+            run.metrics.append({"epoch": run.epoch + 1, "step": run.step,
+                                **dict(zip(STATS, stats)), "images_per_s": round(rate)})
+            batch = run.done // args.batch_size
+            print(f"[{run.epoch + 1}/{args.epochs}][{batch}/{batches}] step {run.step}  "
+                  f"{format_stats(stats)}  {rate:,.0f} img/s", flush=True)
+        if last:
+            break
+    return (sums / (run.step - first_step)).tolist()  # one wait
+
+
+def format_stats(stats):
+    return "  ".join(f"{name} {value:.4f}" for name, value in zip(STATS, stats))
+
+
+RUN_FILES = ("checkpoint.pt", "flags.json", "metrics.csv", "losses.png")
+
+
+def generate(args, device):
+    """N images of a run's averaged G, as a grid or a tensor."""
+    source = checkpoint_file(args.checkpoint)
+    out = source.parent / "generated.png"
+    if args.out:
+        out = args.out
+    run_dir = out.parent
+    if run_dir.name == "samples":  # a run's grids are its own too
+        run_dir = run_dir.parent
+    own = out.name in RUN_FILES or run_dir != out.parent
+    if out.resolve() == source.resolve() or (own and checkpoint_file(run_dir).exists()):
+        raise GanError(f"--out {out} is for a run's own files")
+    checkpoint = load_checkpoint(source)  # once: a newer one may come
+    G = load_generator(source, device, checkpoint)
+    # Noise drawn on the CPU: a seed gives it on any device
+    rng = torch.Generator().manual_seed(args.seed)
+    z = torch.randn(args.generate, G.latent_dim, generator=rng)
+    images = sample(G, z.to(device)).cpu()
+    if out.suffix.lower() == ".pt":
+        with written_whole(out) as tmp:
+            torch.save(images, tmp)
+    else:
+        save_grid(images, out)
+    print(f"wrote {len(images)} images to {out}: the averaged G at step "
+          f"{checkpoint['step']} (epochs done: {checkpoint['epoch']})")
+    if args.eval:
+        report_quality(images, args.dataset, args.data_dir, device)
+    return 0
+
+
 # ---- The command line ----
+# Tutorials' setups, trained by this script's step: no dropout in D,
+# no averaged G (a decay of 0 samples G itself)
+TUTORIAL = {"latent_dim": 100, "g_activation": "relu", "g_batchnorm": False,
+            "d_dropout": 0.0, "ema_decay": 0.0, "batch_size": 128, "lr": 2e-4}
+CONFIGS = {
+    "shallow": {**TUTORIAL, "g_hidden": [128], "d_hidden": [128],
+                "batch_size": 64, "epochs": 100},
+    "classic": {**TUTORIAL, "g_hidden": [256, 512], "g_activation": "leaky-relu",
+                "d_hidden": [512, 256], "epochs": 50},
+    "deep": {**TUTORIAL, "g_hidden": [256, 512, 1024],
+             "d_hidden": [1024, 512, 256], "epochs": 20},
+    "batchnorm": {**TUTORIAL, "latent_dim": 64, "g_batchnorm": True,
+                  "g_hidden": [128, 256, 512, 1024],
+                  "d_hidden": [1024, 512, 256], "epochs": 500, "lr": 1e-5},
+}
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
-TRAINING = ("epochs", "max_steps", "lr", "out_dir", "log_every", "amp")
 
 
 def checked(cast, is_valid, expected):
@@ -565,76 +765,77 @@ positive_int = checked(int, lambda n: n > 0, "positive")
 positive = checked(float, lambda x: 0 < x < math.inf, "positive")
 fraction = checked(float, lambda x: 0 <= x < 1, "in [0, 1)")
 seed = checked(int, lambda n: 0 <= n < 2**64, "a seed in [0, 2**64)")
-device_name = checked(str, lambda x: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", x), DEVICES)
+device_type = checked(str, lambda x: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", x),
+                      DEVICES)
 
 
 def build_parser():
     parser = argparse.ArgumentParser("vanilla_gan.py")
-    parser.add_argument("--epochs", type=positive_int, default=50, metavar="N",
-                        help="passes over the training set (default: 50)")
-    parser.add_argument("--max-steps", type=positive_int, metavar="N",
-                        help="stop when the run has N steps (not saved)")
-    parser.add_argument("--device", type=device_name, default="auto",
-                        help=f"{DEVICES} (default: auto, which is cuda, else mps, else cpu)")
+    parser.add_argument("--config", choices=CONFIGS,
+                        help="a tutorial's setup (README); typed flags win")
+    parser.add_argument("--epochs", type=positive_int, default=50,
+                        help="passes over the data (default: 50)")
+    parser.add_argument("--max-steps", type=positive_int,
+                        help="stop when the run has this many steps")
+    parser.add_argument("--device", type=device_type, default="auto",
+                        help=f"{DEVICES} (default: auto: cuda, else mps, else cpu)")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--seed", type=seed, default=42,
-                        help="seeds weights, noise and order; with --generate, z (default: 42)")
-    parser.add_argument("--dataset", default="mnist", choices=[*DATASETS, "fake", "folder"],
-                        help="fake: random pixels, the GPU check; folder: your images "
-                        "(default: mnist)")
-    parser.add_argument("--data-dir", default="data", metavar="DIR",
-                        help="holds MNIST/raw/ (or the dataset's); for folder, the images "
-                        "(default: data)")
+                        help="of weights, noise, order; --generate's z (default: 42)")
+    parser.add_argument("--dataset", default="mnist", choices=[*DATASETS, "folder"],
+                        help="folder: your images (default: mnist)")
+    parser.add_argument("--data-dir", default="data",
+                        help="holds MNIST/raw/ or your images (default: data)")
     parser.add_argument("--channels", type=int, choices=[1, 3], default=1,
                         help="for folder: 1 grey (the default), 3 RGB")
-    parser.add_argument("--image-size", type=positive_int, default=28, metavar="S",
-                        help="for folder: images scaled and cropped to S x S (default: 28)")
-    parser.add_argument("--latent-dim", type=positive_int, default=100, metavar="N",
+    parser.add_argument("--image-size", type=positive_int, default=28,
+                        help="for folder: the side images are fit to (default: 28)")
+    parser.add_argument("--latent-dim", type=positive_int, default=100,
                         help="size of the noise z (default: 100)")
     parser.add_argument("--g-hidden", type=positive_int, nargs="+", metavar="W",
-                        default=[256, 512, 1024], help="G's hidden widths (default: 256 512 1024)")
+                        default=[256, 512, 1024], help="G's widths (default: 256 512 1024)")
+    parser.add_argument("--g-activation", choices=ACTIVATIONS, default="leaky-relu",
+                        help="G's activation (default: leaky-relu)")
+    parser.add_argument("--g-batchnorm", action="store_true",
+                        help="BatchNorm before each activation in G")
     parser.add_argument("--d-hidden", type=positive_int, nargs="+", metavar="W",
-                        default=[512, 256], help="D's hidden widths (default: 512 256)")
-    parser.add_argument("--d-dropout", type=fraction, default=0.3, metavar="P",
-                        help="Dropout in D's hidden layers, 0 for none (default: 0.3)")
-    parser.add_argument("--ema-decay", type=fraction, default=0.9995, metavar="X",
-                        help="decay of G's average; 0 samples G itself (default: 0.9995)")
-    parser.add_argument("--batch-size", type=positive_int, default=128, metavar="N",
+                        default=[512, 256], help="D's widths (default: 512 256)")
+    parser.add_argument("--d-dropout", type=fraction, default=0.3,
+                        help="Dropout in D, 0 for none (default: 0.3)")
+    parser.add_argument("--ema-decay", type=fraction, default=0.9995,
+                        help="of G's average; 0 samples G itself (default: 0.9995)")
+    parser.add_argument("--batch-size", type=positive_int, default=128,
                         help="real images per step (default: 128)")
-    parser.add_argument("--lr", type=positive, default=3e-4, metavar="X",
-                        help="Adam's learning rate, both networks (default: 3e-4)")
-    parser.add_argument("--out-dir", metavar="DIR",
-                        help="the run folder (default: a new one in runs/)")
-    parser.add_argument("--log-every", type=positive_int, default=100, metavar="N",
+    parser.add_argument("--lr", type=positive, default=3e-4,
+                        help="Adam's learning rate, G's and D's (default: 3e-4)")
+    parser.add_argument("--out-dir", help="the run folder (default: new in runs/)")
+    parser.add_argument("--log-every", type=positive_int, default=100,
                         help="print and record every N steps (default: 100)")
     parser.add_argument("--eval", action="store_true",
-                        help="report FID and class shares of 10,000 samples (digits only)")
-    start = parser.add_mutually_exclusive_group()
-    start.add_argument("--resume", metavar="RUN", help="continue a run folder or checkpoint")
-    start.add_argument("--generate", type=positive_int, metavar="N",
-                       help="only generate N images from --checkpoint")
+                        help="FID and class shares of 10,000 samples (not for folder)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", metavar="RUN", help="continue a run folder or checkpoint")
+    mode.add_argument("--generate", type=positive_int, metavar="N",
+                      help="only generate N images from --checkpoint")
+    mode.add_argument("--check-device", nargs="?", const="auto", type=device_type,
+                      help="only check a device (default: auto): a GPU against "
+                      "the CPU, then training's speed")
     parser.add_argument("--checkpoint", metavar="RUN",
                         help="for --generate: a run folder or checkpoint")
-    parser.add_argument("--out", type=Path, metavar="FILE",
-                        help="for --generate: a grid (.png, .jpg, ...) or a tensor (.pt) "
-                        "(default: generated.png by the checkpoint)")
+    parser.add_argument("--out", type=Path,
+                        help="for --generate: a grid (.png, .jpg, ...) or a tensor (.pt)")
     return parser
 
 
 def parse_args(argv=None):
-    """Each flag as typed, else the resumed (or sampled) run's, else its default."""
+    """Each flag as typed, else its --config's, else the resumed (or
+    sampled) run's, else its default."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.generate and not args.checkpoint:
         parser.error("--generate needs --checkpoint")
     if not args.generate and (args.checkpoint or args.out):
         parser.error("--checkpoint and --out go with --generate")
-    if args.generate and args.eval and args.generate <= 128:
-        parser.error("--eval needs 129+ images (the judge's 128 features)")
-    training = [f"--{name.replace('_', '-')}" for name in TRAINING
-                if getattr(args, name) != parser.get_default(name)]
-    if args.generate and training:
-        parser.error(f"--generate takes no {', '.join(training)}")
     saved = {}
     source = args.resume
     if args.generate:
@@ -643,290 +844,27 @@ def parse_args(argv=None):
         path = checkpoint_file(source)
         saved = load_checkpoint(path)["args"]
         parser.set_defaults(**saved, out_dir=str(path.parent))
-        args = parser.parse_args(argv)
+    if args.config:  # over the run's flags: a change is refused below
+        parser.set_defaults(**CONFIGS[args.config])
+    args = parser.parse_args(argv)  # again, with those defaults
     kept = KEPT & saved.keys()
     if args.generate:
         kept.discard("seed")  # --generate's seed draws z
     for name in sorted(kept):
         if getattr(args, name) != saved[name]:
             flag = f"--{name.replace('_', '-')}"
-            raise GanError(f"the run has {flag} {shown(saved[name])}, not "
-                           f"{shown(getattr(args, name))}: it keeps them")
-    if args.eval and args.dataset in ("fake", "folder"):
-        parser.error(f"--eval needs digits, not {args.dataset}")
-    if args.dataset != "folder" and image_shape(args) != IMAGE_SHAPE:
-        parser.error("--channels and --image-size are for --dataset folder")
+            raise GanError(f"the run has {flag} {saved[name]}, not "
+                           f"{getattr(args, name)}: it keeps them")
+    reads_data = args.resume or args.eval
+    gone = not Path(args.data_dir).exists()
+    if saved and reads_data and gone and args.data_dir == saved["data_dir"]:
+        raise GanError(f"the run's data folder {args.data_dir} is gone: "
+                       "give --data-dir")
+    if args.eval and args.dataset == "folder":
+        parser.error("--eval needs a built-in dataset, not folder")
+    if args.dataset != "folder" and image_shape(vars(args)) != IMAGE_SHAPE:
+        parser.error("--channels and --image-size are for folder")
     return args
-
-
-def shown(value):
-    """A value as typed: [512, 256] is 512 256."""
-    if isinstance(value, list):
-        return " ".join(map(str, value))
-    return value
-
-
-def pick_device(name):
-    mps = torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cpu"
-        if mps:
-            name = "mps"
-        if torch.cuda.is_available():
-            name = "cuda"
-    device = torch.device(name)
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise GanError(f"no {name} here: {gpu_status()}")
-    if device.type == "mps" and not mps:
-        raise GanError("no mps here: it needs an Apple GPU")
-    return device
-
-
-def gpu_status():
-    """What torch sees of CUDA, to say why a GPU is missing."""
-    if torch.version.cuda is None:
-        return f"torch {torch.__version__} is built without CUDA"
-    count = torch.cuda.device_count()
-    if count == 0:
-        return f"torch {torch.__version__} sees no CUDA device (no driver?)"
-    return f"torch {torch.__version__} sees {count} CUDA device(s)"
-
-
-# ---- The device check ----
-DEVICE_TOLERANCE = 1e-4  # rounding differs by ~1e-6, a layer off by 0.5% by ~1e-2
-
-
-def device_check(args, device, batches=5):
-    """One training step from the run's first weights, on `device` and on the CPU, in float32
-    (no TF32, autocast or dropout), for a few batches: the losses, the gradients and the
-    updated weights must agree."""
-    cpu = torch.device("cpu")
-    with torch.random.fork_rng(devices=[]):  # keeps the CPU's RNG
-        run = new_run(args, cpu)
-        real = torch.rand(batches, args.batch_size, *image_shape(args)) * 2 - 1
-        z = torch.randn(batches, args.batch_size, args.latent_dim)
-    torch.set_float32_matmul_precision("highest")  # main() sets it back
-    errors = []
-    for x, noise in zip(real, z):
-        ours = check_step(run, x, noise, device, args.lr)
-        cpus = check_step(run, x, noise, cpu, args.lr)
-        errors.append([((a - b).norm() / b.norm()).item() for a, b in zip(ours, cpus)])
-    # The median drops a batch where rounding flips a LeakyReLU's side; NaN stays NaN
-    worst = torch.tensor(errors).median(dim=0).values.max().item()
-    if not worst <= DEVICE_TOLERANCE:  # NaN fails too: every comparison with it is false
-        raise GanError(f"device check failed: {device} differs from the CPU by "
-                       f"{worst:.1e} (tolerance {DEVICE_TOLERANCE:g})")
-    print(f"device check passed: {device} matches the CPU to {worst:.0e}")
-
-
-def check_step(run, real, z, device, lr):
-    """One train_step on `device`: its stats, gradients and new weights, on the CPU."""
-    G = copy.deepcopy(run.G).to(device)
-    D = copy.deepcopy(run.D).to(device).eval()  # no dropout: its masks differ by device
-    opt_G = make_optimizer(G, lr)
-    opt_D = make_optimizer(D, lr)
-    stats = train_step(G, D, opt_G, opt_D, real.to(device), z.to(device))
-    grads = [torch.cat([p.grad.flatten() for p in net.parameters()]) for net in (G, D)]
-    weights = [torch.cat([p.detach().flatten() for p in net.parameters()]) for net in (G, D)]
-    return [t.cpu() for t in (stats, *grads, *weights)]  # compared in float32: MPS has no 64
-
-
-# ---- Training and generating ----
-class StopRequest:
-    """Ctrl-C or SIGTERM: the loop finishes the step, saves, exits."""
-
-    def __enter__(self):
-        self.signum = None
-        self.previous = {}
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: no handler
-                self.previous[signum] = signal.signal(signum, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        self.signum = signum  # no print: it may interrupt one
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            if handler is None:  # set outside Python: the default is the nearest
-                handler = signal.SIG_DFL
-            signal.signal(signum, handler)
-
-
-def train(args):
-    """Train to --epochs or --max-steps, or a stop: the exit code."""
-    device = pick_device(args.device)
-    if args.dataset == "fake" and device.type == "cpu":
-        raise GanError(f"--dataset fake checks a GPU against the CPU, not the CPU itself: "
-                       f"{gpu_status()}")
-    if args.dataset == "fake":  # before the run draws numbers
-        device_check(args, device)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 tensor cores
-    # Absolute: --generate --eval reads the data from any folder
-    args.data_dir = str(Path(args.data_dir).resolve())
-    if args.dataset == "fake":  # random pixels, the same every run
-        rng = torch.Generator().manual_seed(0)
-        shape = (60_000, *IMAGE_SHAPE)
-        pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=rng)
-    elif args.dataset == "folder":
-        pixels = read_folder(args.data_dir, args.channels, args.image_size)
-    else:
-        pixels = load_dataset(args.dataset, args.data_dir)[0]
-    pixels = pixels.to(device)
-    if args.batch_size > len(pixels):
-        raise GanError(f"--batch-size {args.batch_size} exceeds the {len(pixels)} images")
-    target = Path("runs")
-    if args.out_dir:
-        target = Path(args.out_dir)
-    inside = target.resolve().is_relative_to(args.data_dir)
-    if args.dataset == "folder" and inside:  # its grids would become training images
-        raise GanError(f"--out-dir: choose a run folder outside --data-dir {args.data_dir}")
-    run_dir = make_run_folder(args.out_dir)
-    with folder_lock(run_dir), StopRequest() as stop:
-        run = open_run(args, device, run_dir)
-        if run.order is not None and len(run.order) != len(pixels):  # the folder changed
-            raise GanError(f"the run's epoch has {len(run.order)} images, {args.data_dir} has "
-                           f"{len(pixels)}: put them back, or start a new run")
-        name = device
-        if device.type == "cuda":
-            name = torch.cuda.get_device_name(device)
-        print(f"device {name}  torch {torch.__version__}  amp {args.amp}\n{args.dataset}: "
-              f"{len(pixels)} training images, run folder {run_dir}\n"
-              f"flags {json.dumps(run_flags(args))}", flush=True)
-        train_run(run, args, pixels, run_dir, stop)
-    if stop.signum:
-        print(f"{signal.Signals(stop.signum).name}: saved. To resume: "
-              f"python vanilla_gan.py --resume {run_dir}")
-        return 128 + stop.signum  # 130 (SIGINT) or 143 (SIGTERM)
-    if args.eval:  # noise of their own, the same in every report
-        rng = torch.Generator().manual_seed(0)
-        z = torch.randn(EVAL_SAMPLES, args.latent_dim, generator=rng)
-        images = sample(run.ema.G, z.to(device))
-        report_quality(images, args.dataset, args.data_dir, device)
-    print(f"done: {run.step} steps. Outputs in {run_dir}")
-    return 0
-
-
-def make_run_folder(out_dir):
-    """--out-dir, or a new runs/<date-time>-<random>."""
-    try:
-        if not out_dir:  # None, or an empty --out-dir ""
-            out_dir = "runs"  # named if the next line fails
-            Path(out_dir).mkdir(exist_ok=True)
-            stamp = time.strftime("%Y%m%d-%H%M%S-")
-            out_dir = tempfile.mkdtemp(prefix=stamp, dir="runs")
-        (Path(out_dir) / "samples").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise GanError(f"cannot write in {out_dir} ({e.strerror})") from e
-    return Path(out_dir)
-
-
-def open_run(args, device, run_dir):
-    """The run resumed here, read under the lock; or a new one, if the folder has none."""
-    own = run_dir / "checkpoint.pt"
-    if args.resume and checkpoint_file(args.resume).resolve() == own.resolve():
-        return new_run(args, device, load_checkpoint(own))
-    if own.exists():
-        raise GanError(f"{run_dir} already holds a run; continue it with --resume "
-                       f"{run_dir}, or choose another --out-dir")
-    checkpoint = None
-    if args.resume:  # a run continued in a new folder
-        checkpoint = load_checkpoint(args.resume)
-    return new_run(args, device, checkpoint)
-
-
-def train_run(run, args, pixels, run_dir, stop):
-    steps_per_epoch = len(pixels) // args.batch_size
-    last_step = args.epochs * steps_per_epoch
-    if args.max_steps:
-        last_step = min(last_step, args.max_steps)
-    if run.step >= last_step:
-        print(f"nothing to train: the run is at step {run.step} of {last_step}")
-    elif (run_dir / "checkpoint.pt").exists():  # resumed here: still writable?
-        save_metrics(run, run_dir)
-    else:  # a new run claims its folder before any training
-        save_checkpoint(run, args, run_dir)
-    while run.step < last_step and stop.signum is None:
-        start = time.perf_counter()
-        means = train_part(run, args, pixels, last_step, stop)
-        if not all(p.isfinite().all() for p in run.G.parameters()):  # before a save
-            raise GanError(f"training diverged by step {run.step} (G's weights not finite);"
-                           " the last checkpoint is kept (try a smaller --lr)")
-        completed = len(run.order) - run.done < args.batch_size
-        state = "done" if completed else "stopped"
-        print(f"epoch {run.epoch + 1}/{args.epochs} {state}: mean {format_stats(means)}  "
-              f"{time.perf_counter() - start:.1f}s", flush=True)
-        grid = f"step_{run.step:07d}.png"
-        if completed:
-            run.epoch += 1
-            run.order = None
-            run.done = 0
-            grid = f"epoch_{run.epoch:03d}.png"
-        save_checkpoint(run, args, run_dir)
-        save_grid(sample(run.ema.G, run.fixed_noise), run_dir / "samples" / grid)
-    plot_losses(run.metrics, steps_per_epoch, run_dir / "losses.png")
-
-
-def train_part(run, args, pixels, last_step, stop):
-    """Train to the epoch's end, the last step or a stop: the steps' mean stats."""
-    if run.order is None:  # a new order each epoch; a resumed one goes on
-        run.order = torch.randperm(len(pixels), device=pixels.device)
-    sums = torch.zeros(len(STATS), device=pixels.device)
-    first_step = run.step
-    start = time.perf_counter()
-    for stats in train_epoch(run.G, run.D, run.opt_G, run.opt_D, pixels, args.batch_size,
-                             run.order[run.done:], args.amp, run.ema):
-        sums += stats  # on the device: no waiting
-        run.step += 1
-        run.done += args.batch_size
-        stopping = run.step >= last_step or stop.signum is not None
-        if stopping or run.step % args.log_every == 0:
-            stats = stats.tolist()  # waits for the step: only here
-            rate = (run.step - first_step) * args.batch_size / (time.perf_counter() - start)
-            run.metrics.append({"epoch": run.epoch + 1, "step": run.step,
-                                **dict(zip(STATS, stats)), "images_per_s": round(rate)})
-            where = f"{run.done // args.batch_size}/{len(run.order) // args.batch_size}"
-            print(f"[{run.epoch + 1}/{args.epochs}][{where}] step {run.step}  "
-                  f"{format_stats(stats)}  {rate:,.0f} img/s", flush=True)
-        if stopping:
-            break
-    return (sums / (run.step - first_step)).tolist()  # one wait an epoch
-
-
-def format_stats(stats):
-    return "  ".join(f"{name} {value:.4f}" for name, value in zip(STATS, stats))
-
-
-def generate(args):
-    """N images of a run's averaged G, as a grid or a tensor."""
-    device = pick_device(args.device)
-    source = checkpoint_file(args.checkpoint)
-    out = source.parent / "generated.png"
-    if args.out:
-        out = args.out
-    in_samples = out.parent.name == "samples" and (out.parent.parent / "checkpoint.pt").exists()
-    if out.name in RUN_FILES or out.resolve() == source.resolve() or in_samples:
-        raise GanError(f"--out {out} is for a run's own files: choose another")
-    checkpoint = load_checkpoint(source)  # once: a trainer may be saving a newer one
-    G = averaged_generator(checkpoint, device)
-    # Noise drawn on the CPU: a seed gives the same noise on any device
-    rng = torch.Generator().manual_seed(args.seed)
-    z = torch.randn(args.generate, G.latent_dim, generator=rng)
-    images = sample(G, z.to(device)).cpu()
-    if out.suffix.lower() == ".pt":
-        buffer = io.BytesIO()
-        torch.save(images, buffer)
-        write_atomically(out, buffer.getvalue())
-    else:
-        save_grid(images, out)
-    print(f"wrote {len(images)} images to {out}: the averaged G at step {checkpoint['step']} "
-          f"(epochs done: {checkpoint['epoch']})")
-    if checkpoint["step"] == 0:
-        print("note: at step 0, before any training, G draws noise")
-    if args.eval:
-        report_quality(images, args.dataset, args.data_dir, device)
-    return 0
 
 
 def main(argv=None):
@@ -936,15 +874,18 @@ def main(argv=None):
     precision = torch.get_float32_matmul_precision()
     try:
         args = parse_args(argv)
+        if args.check_device:
+            return check_device(vars(args), pick_device(args.check_device))
+        device = pick_device(args.device)
         if args.generate:
-            return generate(args)
-        return train(args)
+            return generate(args, device)
+        return train(args, device)
     except SystemExit as e:  # --help and argparse's errors
         return e.code  # returned: a notebook survives them
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop
-        print("aborted; files already saved are intact", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C before training
+        print("interrupted", file=sys.stderr)
         return 130
-    except GanError as e:
+    except (GanError, OSError) as e:  # OSError: in Python's words
         print(f"vanilla_gan.py: error: {e}", file=sys.stderr)
         return 1
     finally:  # TF32 off: a notebook's float32 stays exact
