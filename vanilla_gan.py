@@ -496,20 +496,16 @@ def pick_device(name):
     return device
 
 
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return str(device)
-
-
 TOLERANCE = 1e-4  # rounding differs by ~1e-6, a layer off by 0.5% by ~1e-2
 CHECK_SECONDS = 10  # --check-device times training this long
 
 
 def check_device(flags, device):
     """A GPU's step against the CPU's, then training's speed."""
-    print(f"device {device_name(device)}  torch {torch.__version__}  "
-          f"CUDA {torch.version.cuda}", flush=True)
+    name = device
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    print(f"device {name}  torch {torch.__version__}  CUDA {torch.version.cuda}")
     if device.type != "cpu":  # the CPU is the reference
         error = compare_with_cpu(flags, device)
         if not error <= TOLERANCE:  # NaN fails too
@@ -605,7 +601,7 @@ def train(args, device):
         except FileExistsError:
             raise GanError(f"{run_dir} already holds a run; continue it with --resume "
                            f"{run_dir}, or choose another --out-dir") from None
-    print(f"device {device_name(device)}  torch {torch.__version__}  amp {args.amp}\n"
+    print(f"device {device}  torch {torch.__version__}  amp {args.amp}\n"
           f"{len(pixels)} images, run folder {run_dir}\nflags {json.dumps(flags)}",
           flush=True)
     steps_per_epoch = len(pixels) // args.batch_size
@@ -780,18 +776,17 @@ def build_parser():
     parser.add_argument("--device", type=device_type, default="auto",
                         help=f"{DEVICES} (default: auto: cuda, else mps, else cpu)")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    parser.add_argument("--seed", type=seed, default=42,
-                        help="of weights, noise, order; --generate's z (default: 42)")
+    parser.add_argument("--seed", type=seed, default=42, help="of weights, noise, order (default: 42)")
     parser.add_argument("--dataset", default="mnist", choices=[*DATASETS, "folder"],
                         help="folder: your images (default: mnist)")
     parser.add_argument("--data-dir", default="data",
                         help="holds MNIST/raw/ or your images (default: data)")
     parser.add_argument("--channels", type=int, choices=[1, 3], default=1,
-                        help="for folder: 1 grey (the default), 3 RGB")
+                        help="for folder: grey or RGB (default: 1)")
     parser.add_argument("--image-size", type=positive_int, default=28,
                         help="for folder: the side images are fit to (default: 28)")
     parser.add_argument("--latent-dim", type=positive_int, default=100,
-                        help="size of the noise z (default: 100)")
+                        help="z's size (default: 100)")
     parser.add_argument("--g-hidden", type=positive_int, nargs="+", metavar="W",
                         default=[256, 512, 1024], help="G's widths (default: 256 512 1024)")
     parser.add_argument("--g-activation", choices=ACTIVATIONS, default="leaky-relu",
@@ -810,7 +805,7 @@ def build_parser():
                         help="Adam's learning rate, G's and D's (default: 3e-4)")
     parser.add_argument("--out-dir", help="the run folder (default: new in runs/)")
     parser.add_argument("--log-every", type=positive_int, default=100,
-                        help="print and record every N steps (default: 100)")
+                        help="steps between logged lines (default: 100)")
     parser.add_argument("--eval", action="store_true",
                         help="FID and class shares of 10,000 samples (not for folder)")
     mode = parser.add_mutually_exclusive_group()
@@ -818,8 +813,7 @@ def build_parser():
     mode.add_argument("--generate", type=positive_int, metavar="N",
                       help="only generate N images from --checkpoint")
     mode.add_argument("--check-device", nargs="?", const="auto", type=device_type,
-                      help="only check a device (default: auto): a GPU against "
-                      "the CPU, then training's speed")
+                      help="only check a device (default: auto) and its speed")
     parser.add_argument("--checkpoint", metavar="RUN",
                         help="for --generate: a run folder or checkpoint")
     parser.add_argument("--out", type=Path,
