@@ -128,7 +128,8 @@ def train_step(G, D, opt_G, opt_D, real, z, amp=False):
     finally:  # even if interrupted (a notebook's stop button)
         D.requires_grad_(True)
 
-    # D(x), D(G(z)): D's mean P(real), 0.5 at the equilibrium
+    # D(x), D(G(z)): D's mean P(real) before its update, 0.5 at the
+    # equilibrium
     d_real = torch.sigmoid(real_logits).mean()
     d_fake = torch.sigmoid(fake_logits).mean()
     return torch.stack([loss_D, loss_G, d_real, d_fake]).detach()
@@ -298,15 +299,16 @@ def new_run(flags, device, checkpoint=None):
     run.ema.G.load_state_dict(checkpoint["G_avg"])
     run.ema.steps = checkpoint["step"]
     for group in [*opt_G.param_groups, *opt_D.param_groups]:
-        group["lr"] = flags["lr"]  # the lr typed now
+        group["lr"] = flags["lr"]  # lr may change on resume
     for name in PROGRESS:
         value = checkpoint[name]
         if isinstance(value, torch.Tensor):
             value = value.to(device)
         setattr(run, name, value)
-    torch.set_rng_state(checkpoint["rng"]["cpu"])
-    if device.type == "cuda" and "cuda" in checkpoint["rng"]:
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+    rng = checkpoint["rng"]
+    torch.set_rng_state(rng["cpu"])
+    if device.type != "cpu" and device.type in rng:
+        torch.get_device_module(device).set_rng_state(rng[device.type], device)
     return run
 
 
@@ -328,15 +330,16 @@ def save_checkpoint(run, flags, run_dir, exclusive=False):
     """checkpoint.pt, all it takes to resume, and flags.json."""
     rng = {"cpu": torch.get_rng_state()}
     device = run.fixed_noise.device
-    if device.type == "cuda":  # its own generator draws z there
-        rng["cuda"] = torch.cuda.get_rng_state(device)
+    if device.type != "cpu":  # its own generator draws z there
+        rng[device.type] = torch.get_device_module(device).get_rng_state(device)
     checkpoint = {"args": flags, "rng": rng, "G_avg": run.ema.G.state_dict()}
     for name in STATEFUL:
         checkpoint[name] = getattr(run, name).state_dict()
     for name in PROGRESS:
         checkpoint[name] = getattr(run, name)
-    with written_whole(run_dir / "checkpoint.pt", exclusive) as tmp:
-        torch.save(checkpoint, tmp)
+    path = run_dir / "checkpoint.pt"
+    with written_whole(path, exclusive) as tmp, open(tmp, "wb") as f:
+        torch.save(checkpoint, f)  # a full disk: OSError, as open()'s
     with written_whole(run_dir / "flags.json") as tmp:
         tmp.write_text(json.dumps(flags, indent=2) + "\n")
 
@@ -486,11 +489,14 @@ def pick_device(name):
             name = "cuda"
     device = torch.device(name)
     count = torch.cuda.device_count()
-    if device.type == "cuda" and (device.index or 0) >= count:
+    index = 0 if device.index is None else device.index
+    if device.type == "cuda" and index >= count:
         why = "is built without CUDA"
         if torch.version.cuda:
             why = f"sees {count} CUDA device(s) (no driver?)"
         raise GanError(f"no {name} here: torch {torch.__version__} {why}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise GanError(f"no mps here: torch {torch.__version__} sees no Apple GPU")
     if device.type == "cuda":  # TF32 tensor cores; main() restores
         torch.set_float32_matmul_precision("high")
     return device
@@ -520,7 +526,6 @@ def check_device(flags, device):
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         print(f"peak GPU memory {peak:.2f} GiB")
-    return 0
 
 
 def compare_with_cpu(flags, device, batches=5):
@@ -534,19 +539,18 @@ def compare_with_cpu(flags, device, batches=5):
     torch.set_float32_matmul_precision("highest")  # no TF32
     errors = []
     for x, noise in zip(real, z):
-        ours = check_step(run, x, noise, device)
-        cpus = check_step(run, x, noise, "cpu")
+        ours = check_step(run, x, noise, device, flags["lr"])
+        cpus = check_step(run, x, noise, "cpu", flags["lr"])
         errors.append([((a - b).norm() / b.norm()).item() for a, b in zip(ours, cpus)])
     torch.set_float32_matmul_precision(precision)
     # The median drops a batch where rounding flips a LeakyReLU; NaN stays
     return torch.tensor(errors).median(dim=0).values.max().item()
 
 
-def check_step(run, real, z, device):
+def check_step(run, real, z, device, lr):
     """A train_step from the run's first weights, on `device`."""
     G = copy.deepcopy(run.G).to(device)
     D = copy.deepcopy(run.D).to(device).eval()  # no dropout masks
-    lr = run.opt_G.defaults["lr"]
     stats = train_step(G, D, make_optimizer(G, lr), make_optimizer(D, lr),
                        real.to(device), z.to(device))
     params = [[*G.parameters()], [*D.parameters()]]
@@ -559,15 +563,13 @@ def seconds_per_step(flags, device, chunk=10):
     """Training's time a step at these flags, on random pixels, over
     CHECK_SECONDS after a warm-up."""
     run = new_run(flags, device)
-    shape = (60_000, *image_shape(flags))  # as many as MNIST
+    shape = (chunk * flags["batch_size"], *image_shape(flags))
     pixels = torch.randint(0, 256, shape, dtype=torch.uint8).to(device)
-    order = torch.randint(len(pixels), (chunk * flags["batch_size"],))
     times = []  # the first chunk's is the warm-up's
     while sum(times[1:]) < CHECK_SECONDS:
         start = time.perf_counter()
         stats = list(train_epoch(run.G, run.D, run.opt_G, run.opt_D, pixels,
-                                 flags["batch_size"], order.to(device),
-                                 flags["amp"], run.ema))
+                                 flags["batch_size"], amp=flags["amp"], ema=run.ema))
         stats[-1].tolist()  # waits for the last step
         times.append(time.perf_counter() - start)
     return sum(times[1:]) / (chunk * (len(times) - 1))
@@ -596,7 +598,7 @@ def train(args, device):
     run_dir = run_folder(args)
     own = checkpoint_file(run_dir).resolve()
     if args.resume is None or checkpoint_file(args.resume).resolve() != own:
-        try:  # a new run, or one moved on: never over another
+        try:  # a new run, or a resume into another folder
             save_checkpoint(run, flags, run_dir, exclusive=True)
         except FileExistsError:
             raise GanError(f"{run_dir} already holds a run; continue it with --resume "
@@ -605,14 +607,14 @@ def train(args, device):
           f"{len(pixels)} images, run folder {run_dir}\nflags {json.dumps(flags)}",
           flush=True)
     steps_per_epoch = len(pixels) // args.batch_size
-    last_step = args.epochs * steps_per_epoch
+    last_step = math.inf
     if args.max_steps:
-        last_step = min(last_step, args.max_steps)
-    if run.step >= last_step:
+        last_step = args.max_steps
+    if run.epoch >= args.epochs or run.step >= last_step:
         print(f"nothing to train: the run is at step {run.step}")
     saved_step = run.step
     try:
-        while run.step < last_step:
+        while run.epoch < args.epochs and run.step < last_step:
             start = time.perf_counter()
             means = train_part(run, args, pixels, last_step)
             if not all(p.isfinite().all() for p in run.G.parameters()):
@@ -647,7 +649,8 @@ def train(args, device):
 
 
 def run_folder(args):
-    """--out-dir, or a new runs/<date-time>-<random>: runs/latest."""
+    """--out-dir, or a new runs/<date-time>-<random> that runs/latest
+    links to."""
     name = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex()
     folder = Path("runs", name)
     if args.out_dir:  # None, or "": a new one
@@ -710,15 +713,15 @@ def generate(args, device):
     own = out.name in RUN_FILES or run_dir != out.parent
     if out.resolve() == source.resolve() or (own and checkpoint_file(run_dir).exists()):
         raise GanError(f"--out {out} is for a run's own files")
-    checkpoint = load_checkpoint(source)  # once: a newer one may come
+    checkpoint = load_checkpoint(source)  # once: a trainer may save anew
     G = load_generator(source, device, checkpoint)
     # Noise drawn on the CPU: a seed gives it on any device
     rng = torch.Generator().manual_seed(args.seed)
     z = torch.randn(args.generate, G.latent_dim, generator=rng)
     images = sample(G, z.to(device)).cpu()
     if out.suffix.lower() == ".pt":
-        with written_whole(out) as tmp:
-            torch.save(images, tmp)
+        with written_whole(out) as tmp, open(tmp, "wb") as f:
+            torch.save(images, f)
     else:
         save_grid(images, out)
     print(f"wrote {len(images)} images to {out}: the averaged G at step "
@@ -749,7 +752,7 @@ DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
 def checked(cast, is_valid, expected):
     """An argparse type: `cast`, then refused unless `is_valid`."""
-    def number(text):  # a ValueError: "invalid number value"
+    def number(text):
         value = cast(text)
         if not is_valid(value):
             raise argparse.ArgumentTypeError(f"{text} is not {expected}")
@@ -760,7 +763,7 @@ def checked(cast, is_valid, expected):
 positive_int = checked(int, lambda n: n > 0, "positive")
 positive = checked(float, lambda x: 0 < x < math.inf, "positive")
 fraction = checked(float, lambda x: 0 <= x < 1, "in [0, 1)")
-seed = checked(int, lambda n: 0 <= n < 2**64, "a seed in [0, 2**64)")
+seed_type = checked(int, lambda n: 0 <= n < 2**64, "a seed in [0, 2**64)")
 device_type = checked(str, lambda x: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", x),
                       DEVICES)
 
@@ -776,7 +779,8 @@ def build_parser():
     parser.add_argument("--device", type=device_type, default="auto",
                         help=f"{DEVICES} (default: auto: cuda, else mps, else cpu)")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    parser.add_argument("--seed", type=seed, default=42, help="of weights, noise, order (default: 42)")
+    parser.add_argument("--seed", type=seed_type, default=42,
+                        help="of weights, noise, order (default: 42)")
     parser.add_argument("--dataset", default="mnist", choices=[*DATASETS, "folder"],
                         help="folder: your images (default: mnist)")
     parser.add_argument("--data-dir", default="data",
@@ -837,7 +841,7 @@ def parse_args(argv=None):
     if source:
         path = checkpoint_file(source)
         saved = load_checkpoint(path)["args"]
-        parser.set_defaults(**saved, out_dir=str(path.parent))
+        parser.set_defaults(**saved, out_dir=str(path.resolve().parent))
     if args.config:  # over the run's flags: a change is refused below
         parser.set_defaults(**CONFIGS[args.config])
     args = parser.parse_args(argv)  # again, with those defaults
@@ -849,7 +853,7 @@ def parse_args(argv=None):
             flag = f"--{name.replace('_', '-')}"
             raise GanError(f"the run has {flag} {saved[name]}, not "
                            f"{getattr(args, name)}: it keeps them")
-    reads_data = args.resume or args.eval
+    reads_data = args.resume is not None or args.eval
     gone = not Path(args.data_dir).exists()
     if saved and reads_data and gone and args.data_dir == saved["data_dir"]:
         raise GanError(f"the run's data folder {args.data_dir} is gone: "
@@ -869,7 +873,8 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         if args.check_device:
-            return check_device(vars(args), pick_device(args.check_device))
+            check_device(vars(args), pick_device(args.check_device))
+            return 0
         device = pick_device(args.device)
         if args.generate:
             return generate(args, device)
@@ -882,7 +887,7 @@ def main(argv=None):
     except (GanError, OSError) as e:  # OSError: in Python's words
         print(f"vanilla_gan.py: error: {e}", file=sys.stderr)
         return 1
-    finally:  # TF32 off: a notebook's float32 stays exact
+    finally:  # the caller's float32 precision back (a notebook's)
         torch.set_float32_matmul_precision(precision)
 
 
