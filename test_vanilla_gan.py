@@ -243,12 +243,13 @@ def test_missing_or_damaged_data_is_one_line_naming_the_folder(capsys, tmp_path,
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
     typo = tmp_path / "typo" / "data"
-    assert_refused(capsys, ["--data-dir", typo], f"cannot load mnist from {typo}: ", "train-images")
+    assert_refused(capsys, ["--data-dir", typo], f"load mnist from {typo / 'MNIST' / 'raw'}: ",
+                   "train-images")
     assert list(tmp_path.iterdir()) == []  # no folder made, no run folder
     images = write_dataset(tmp_path / "d") / "MNIST" / "raw" / "train-images-idx3-ubyte"
     for content in (images.read_bytes()[:5000], b"<html><body>404 Not Found</body></html>", b""):
         images.write_bytes(content)  # truncated, an error page saved as the file, empty
-        with pytest.raises(vg.GanError, match=f"cannot load mnist from {tmp_path / 'd'}: .+"):
+        with pytest.raises(vg.GanError, match=f"load mnist from {images.parent}: .+"):
             vg.load_dataset("mnist", tmp_path / "d")
     for name, folder in (("fashion-mnist", "FashionMNIST"), ("kmnist", "KMNIST")):
         write_dataset(tmp_path, folder, n_train=20)
@@ -327,7 +328,7 @@ def test_resume_keeps_the_run_and_lets_length_lr_and_logging_change(capsys, run_
                          (["--g-hidden", 64, 64], "--g-hidden [256, 512, 1024], not [64, 64]"),
                          (["--config", "classic"], "the run has --batch-size 64, not 128"),
                          (["--seed", 1], "--seed 42, not 1")):
-        assert_refused(capsys, ["--resume", run_copy, *flags], words, "it keeps them")
+        assert_refused(capsys, ["--resume", run_copy, *flags], words, "a resume keeps it")
     assert (run_copy / "checkpoint.pt").read_bytes() == before
     moved = run_copy.rename(run_copy.parent / "moved")  # a moved run resumes where it is now
     code, out, err = run_main(capsys, "--resume", moved / "checkpoint.pt", "--log-every", 5)
@@ -419,6 +420,7 @@ def test_generate_a_grid_or_a_tensor_and_refuse_what_is_not_ours(capsys, trained
     generate = ["--generate", 4, "--checkpoint"]
     assert_refused(capsys, [*generate, run, "--g-hidden", 64], "[256, 512, 1024], not [64]")
     assert_refused(capsys, [*generate, run, "--out", tmp_path / "x"], "x: end it in .png, .jpg")
+    assert_refused(capsys, [*generate, run, "--out", tmp_path / "no" / "x.pt"], "no folder")
     before = [path.read_bytes() for path in sorted(run.rglob("*.*"))]
     source = shutil.copy(run / "checkpoint.pt", tmp_path / "copy.pt")  # a copy elsewhere too
     for out in (*(run / own for own in ("checkpoint.pt", "losses.png", "metrics.csv",
@@ -469,6 +471,8 @@ def test_help_device_check_run_folders_and_a_missing_gpu(capsys, data_root, tmp_
     device = "cuda:99" if torch.cuda.is_available() else "cuda"
     for flags in (["--device", device], ["--check-device", device]):
         assert_refused(capsys, flags, f"no {device} here: torch {torch.__version__}")
+    if not torch.backends.mps.is_available():  # no Apple GPU: one line too
+        assert_refused(capsys, ["--device", "mps"], "no mps here")
     assert_refused(capsys, ["--data-dir", data_root, "--batch-size", 513], "513: only 512 images")
     monkeypatch.setattr(vg, "CHECK_SECONDS", 0.5)  # the CPU's check: its speed, nothing written
     code, out, err = run_main(capsys, "--check-device", "cpu", "--batch-size", 100, "--epochs", 2)
@@ -578,7 +582,7 @@ def test_a_folder_of_your_own_images_trains_resumes_and_generates_in_colour(caps
     (tmp_path / "empty").mkdir()  # a folder whose only image is broken
     shutil.copy(folder / "grey" / "broken.png", tmp_path / "empty")
     for data_dir, flags, words in ((tmp_path / "empty", [], "no readable images in"),
-                                   (folder, ["--out-dir", folder / "run"], "not in --data-dir")):
+                                   (folder, ["--out-dir", folder / "run"], "inside --data-dir")):
         assert_refused(capsys, [*base, "--data-dir", data_dir, "--max-steps", 1, *flags], words)
 
 

@@ -217,7 +217,7 @@ def load_dataset(name, data_dir, train=True):
             with contextlib.suppress(OSError):
                 folder.rmdir()
         why = " ".join(f"{type(e).__name__}: {e}".split())
-        raise GanError(f"cannot load {name} from {data_dir}: {why}")
+        raise GanError(f"cannot load {name} from {raw}: {why}")
     return data.data.unsqueeze(1), data.targets
 
 
@@ -657,7 +657,7 @@ def run_folder(args):
         folder = Path(args.out_dir)
     inside = folder.resolve().is_relative_to(args.data_dir)
     if args.dataset == "folder" and inside:  # its grids would train
-        raise GanError(f"--out-dir: not in --data-dir {args.data_dir}")
+        raise GanError(f"{folder} is inside --data-dir: give another --out-dir")
     (folder / "samples").mkdir(parents=True, exist_ok=True)
     if not args.out_dir:
         with contextlib.suppress(OSError):  # Windows may refuse links
@@ -707,6 +707,8 @@ def generate(args, device):
     out = source.parent / "generated.png"
     if args.out:
         out = args.out
+    if not out.parent.is_dir():
+        raise GanError(f"--out {out}: no folder {out.parent}")
     run_dir = out.parent
     if run_dir.name == "samples":  # a run's grids are its own too
         run_dir = run_dir.parent
@@ -780,11 +782,12 @@ def build_parser():
                         help=f"{DEVICES} (default: auto: cuda, else mps, else cpu)")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--seed", type=seed_type, default=42,
-                        help="of weights, noise, order (default: 42)")
+                        help="of weights, noise, order, dropout (default: 42)")
     parser.add_argument("--dataset", default="mnist", choices=[*DATASETS, "folder"],
                         help="folder: your images (default: mnist)")
     parser.add_argument("--data-dir", default="data",
-                        help="holds MNIST/raw/ or your images (default: data)")
+                        help="holds MNIST/raw/ (or the dataset's) or your images "
+                        "(default: data)")
     parser.add_argument("--channels", type=int, choices=[1, 3], default=1,
                         help="for folder: grey or RGB (default: 1)")
     parser.add_argument("--image-size", type=positive_int, default=28,
@@ -811,12 +814,13 @@ def build_parser():
     parser.add_argument("--log-every", type=positive_int, default=100,
                         help="steps between logged lines (default: 100)")
     parser.add_argument("--eval", action="store_true",
-                        help="FID and class shares of 10,000 samples (not for folder)")
+                        help="FID and class shares of the samples (not for folder)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", metavar="RUN", help="continue a run folder or checkpoint")
     mode.add_argument("--generate", type=positive_int, metavar="N",
                       help="only generate N images from --checkpoint")
     mode.add_argument("--check-device", nargs="?", const="auto", type=device_type,
+                      metavar="DEVICE",
                       help="only check a device (default: auto) and its speed")
     parser.add_argument("--checkpoint", metavar="RUN",
                         help="for --generate: a run folder or checkpoint")
@@ -852,7 +856,7 @@ def parse_args(argv=None):
         if getattr(args, name) != saved[name]:
             flag = f"--{name.replace('_', '-')}"
             raise GanError(f"the run has {flag} {saved[name]}, not "
-                           f"{getattr(args, name)}: it keeps them")
+                           f"{getattr(args, name)}: a resume keeps it")
     reads_data = args.resume is not None or args.eval
     gone = not Path(args.data_dir).exists()
     if saved and reads_data and gone and args.data_dir == saved["data_dir"]:
