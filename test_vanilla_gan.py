@@ -210,26 +210,27 @@ def test_fid_formula_the_quality_report_and_eval(capsys, tmp_path, monkeypatch):
     cross = sqrtm(sqrtm(cov_a) @ cov_b @ sqrtm(cov_a)).trace()
     expected = (a.mean(0) - b.mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross
     assert vg.frechet_distance(a, b) == pytest.approx(expected.item(), rel=1e-8)
-    root = write_dataset(tmp_path / "data", n_train=2000, n_test=500)
+    root = write_dataset(tmp_path / "data", n_train=1200, n_test=300)
     images, labels = vg.load_dataset("mnist", root)
-    real, cpu = vg.to_unit_range(images[1000:]), torch.device("cpu")  # as a perfect G draws
+    real, cpu = vg.to_unit_range(images[600:]), torch.device("cpu")  # as a perfect G draws
     fid_real, shares_real = vg.report_quality(real, "mnist", root, cpu)
     fid_noise, _ = vg.report_quality(torch.rand(500, 1, 28, 28) * 2 - 1, "mnist", root, cpu)
-    fid_collapsed, shares = vg.report_quality(real[labels[1000:] == 3], "mnist", root, cpu)
-    assert capsys.readouterr().out.strip().endswith("of 100 samples: FID %.2f, rarest class 0 at "
+    fid_collapsed, shares = vg.report_quality(real[labels[600:] == 3], "mnist", root, cpu)
+    assert capsys.readouterr().out.strip().endswith("of 60 samples: FID %.2f, rarest class 0 at "
                                                      "0.0%%" % fid_collapsed)
     assert fid_real * 10 < fid_noise and fid_real * 10 < fid_collapsed
     assert shares_real.min() > 0.09 and shares[3] == 1.0 and shares.sum() == 1.0
     run = tmp_path / "run"  # --eval after training, on --generate, and on a finished run
+    monkeypatch.setattr(vg, "EVAL_SAMPLES", 1000)  # 10,000 by default
     code, out, err = run_main(capsys, "--data-dir", root, "--out-dir", run, "--eval",
                               "--max-steps", 8, *SMALL)
-    assert code == 0 and "quality of 10000 samples: FID" in out, err
+    assert code == 0 and "quality of 1000 samples: FID" in out, err
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # no data/ here: the run remembers its folder
     code, out, err = run_main(capsys, "--generate", 200, "--checkpoint", run, "--eval")
     assert code == 0 and "quality of 200 samples: FID" in out, err
     code, out, err = run_main(capsys, "--resume", run, "--max-steps", 8, "--eval")
-    assert code == 0 and "nothing to train" in out and "quality of 10000 samples" in out, err
+    assert code == 0 and "nothing to train" in out and "quality of 1000 samples" in out, err
     moved = shutil.move(root, tmp_path / "moved")  # the remembered folder is gone
     for flags in (["--resume", run], ["--generate", 200, "--checkpoint", run, "--eval"]):
         assert_refused(capsys, flags, f"the run's data folder {root} is gone", "--data-dir")

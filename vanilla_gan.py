@@ -128,8 +128,7 @@ def train_step(G, D, opt_G, opt_D, real, z, amp=False):
     finally:  # even if interrupted (a notebook's stop button)
         D.requires_grad_(True)
 
-    # D(x), D(G(z)): D's mean P(real) before its update, 0.5 at the
-    # equilibrium
+    # D(x), D(G(z)): D's mean P(real) before its update; 0.5 at equilibrium
     d_real = torch.sigmoid(real_logits).mean()
     d_fake = torch.sigmoid(fake_logits).mean()
     return torch.stack([loss_D, loss_G, d_real, d_fake]).detach()
@@ -228,17 +227,15 @@ def read_folder(folder, channels, size):
     from torchvision.transforms.functional import pil_to_tensor
     images = []
     bad = []
-    for path in sorted(Path(folder).rglob("*")):
-        if path.suffix.lower() not in IMG_EXTENSIONS:
-            continue
+    paths = [p for p in sorted(Path(folder).rglob("*")) if p.suffix.lower() in IMG_EXTENSIONS]
+    for path in paths:
         try:
             with Image.open(path) as image:
                 image = image.convert({1: "L", 3: "RGB"}[channels])
         except Exception:  # PIL raises many kinds
             bad.append(path)
             continue
-        image = ImageOps.fit(image, (size, size))
-        images.append(pil_to_tensor(image))
+        images.append(pil_to_tensor(ImageOps.fit(image, (size, size))))
     if bad:
         print(f"{len(bad)} unreadable, skipped, e.g. {bad[0]}")
     if not images:
@@ -248,13 +245,13 @@ def read_folder(folder, channels, size):
 
 # ---- Checkpoints ----
 STATS = ("Loss_D", "Loss_G", "D(x)", "D(G(z))")  # train_step's
-# The flags a resumed run keeps; SAVED adds those it may change
-KEPT = {"latent_dim", "g_hidden", "g_activation", "g_batchnorm",
-        "d_hidden", "d_dropout", "ema_decay", "dataset", "channels",
-        "image_size", "batch_size", "seed"}
+# Flags a resume keeps; SAVED adds those it may change
+KEPT = {"latent_dim", "g_hidden", "g_activation", "g_batchnorm", "d_hidden", "d_dropout",
+        "ema_decay", "dataset", "channels", "image_size", "batch_size", "seed"}
 SAVED = KEPT | {"epochs", "lr", "log_every", "data_dir"}
-STATEFUL = ("G", "D", "opt_G", "opt_D")  # by their state_dict()
+STATEFUL = ("G", "D", "opt_G", "opt_D")
 PROGRESS = ("epoch", "step", "order", "done", "fixed_noise", "metrics")
+RUN_FILES = ("checkpoint.pt", "flags.json", "metrics.csv", "losses.png")
 
 
 @dataclass
@@ -264,11 +261,11 @@ class Run:
     D: Discriminator
     opt_G: torch.optim.Optimizer
     opt_D: torch.optim.Optimizer
-    ema: EMA  # grids, --generate and --eval sample its G
+    ema: EMA  # its G: grids, --generate, --eval
     fixed_noise: torch.Tensor  # each grid's z: grids compare
     epoch: int = 0  # epochs completed
     step: int = 0  # one D and one G update each
-    order: torch.Tensor | None = None  # this epoch's image order
+    order: torch.Tensor | None = None  # this epoch's order
     done: int = 0  # images of `order` trained on
     metrics: list = field(default_factory=list)  # logged rows
 
@@ -283,11 +280,10 @@ def make_generator(flags):  # .get: runs from before those flags
 
 
 def new_run(flags, device, checkpoint=None):
-    """A run from its flags (a dict): new, or as `checkpoint` left it."""
+    """A new run from `flags`, or as `checkpoint` left it."""
     torch.manual_seed(flags["seed"])  # weights, noise, order, dropout
     G = make_generator(flags).to(device)
-    D = Discriminator(flags["d_hidden"], flags["d_dropout"], image_shape(flags))
-    D = D.to(device)
+    D = Discriminator(flags["d_hidden"], flags["d_dropout"], image_shape(flags)).to(device)
     opt_G = make_optimizer(G, flags["lr"])
     opt_D = make_optimizer(D, flags["lr"])
     noise = torch.randn(64, G.latent_dim).to(device)
@@ -337,8 +333,7 @@ def save_checkpoint(run, flags, run_dir, exclusive=False):
         checkpoint[name] = getattr(run, name).state_dict()
     for name in PROGRESS:
         checkpoint[name] = getattr(run, name)
-    path = run_dir / "checkpoint.pt"
-    with written_whole(path, exclusive) as tmp, open(tmp, "wb") as f:
+    with written_whole(run_dir / "checkpoint.pt", exclusive) as tmp, open(tmp, "wb") as f:
         torch.save(checkpoint, f)  # a full disk: OSError, as open()'s
     with written_whole(run_dir / "flags.json") as tmp:
         tmp.write_text(json.dumps(flags, indent=2) + "\n")
@@ -347,9 +342,7 @@ def save_checkpoint(run, flags, run_dir, exclusive=False):
 def checkpoint_file(run):
     """A run folder's checkpoint.pt, or the file named."""
     path = Path(run)
-    if path.is_dir():
-        return path / "checkpoint.pt"
-    return path
+    return path / "checkpoint.pt" if path.is_dir() else path
 
 
 def load_checkpoint(run):
@@ -384,16 +377,14 @@ def save_grid(images, path):
         raise GanError(f"{path}: end it in .png, .jpg, ... or .pt")
     side = math.ceil(len(images) ** 0.5)
     with written_whole(path) as tmp:
-        save_image(images, tmp, image_format, nrow=side, normalize=True,
-                   value_range=(-1, 1))
+        save_image(images, tmp, image_format, nrow=side, normalize=True, value_range=(-1, 1))
 
 
 def save_metrics(rows, path):
-    with written_whole(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, ["epoch", "step", *STATS, "images_per_s"])
-            writer.writeheader()
-            writer.writerows(rows)
+    with written_whole(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["epoch", "step", *STATS, "images_per_s"])
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def plot_losses(rows, steps_per_epoch, path):
@@ -418,14 +409,12 @@ def train_classifier(images, labels, device, epochs=3):
         model = nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(),
-            nn.Linear(128, 10)).to(device)
+            nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10)).to(device)
         images = images.to(device)
         labels = labels.to(device)
         optimizer = torch.optim.Adam(model.parameters())
         steps = epochs * math.ceil(len(images) / 128)
-        # one-cycle: 99% in 3 epochs
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, steps)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, steps)  # 99% in 3 epochs
         for _ in range(epochs):
             for index in torch.randperm(len(images)).split(128):
                 logits = model(to_unit_range(images[index]))
@@ -441,8 +430,7 @@ def train_classifier(images, labels, device, epochs=3):
 def judge(classifier, images):
     """The 128 features FID uses, and each image's class."""
     device = classifier[0].weight.device
-    batches = images.split(500)
-    features = torch.cat([classifier[:-1](x.to(device)) for x in batches])
+    features = torch.cat([classifier[:-1](x.to(device)) for x in images.split(500)])
     classes = classifier[-1](features).argmax(1).cpu()
     return features.cpu().double(), classes  # MPS has no float64
 
@@ -451,8 +439,7 @@ def frechet_distance(a, b):
     """FID: |mu_a - mu_b|^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2))."""
     cov_a = torch.atleast_2d(torch.cov(a.T))
     cov_b = torch.atleast_2d(torch.cov(b.T))
-    # Tr((C_a C_b)^(1/2)): the sum of the roots of C_a C_b's
-    # eigenvalues, real but for rounding
+    # Tr((C_a C_b)^(1/2)): the summed roots of C_a C_b's eigenvalues, real but for rounding
     roots = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real
     means = (a.mean(0) - b.mean(0)).square().sum()
     return (means + cov_a.trace() + cov_b.trace() - 2 * roots.sum()).item()
@@ -479,7 +466,7 @@ def report_quality(images, dataset, data_dir, device):
     return fid, shares
 
 
-# ---- Devices, and the device check ----
+# ---- Devices and the device check ----
 def pick_device(name):
     if name == "auto":
         name = "cpu"
@@ -508,15 +495,12 @@ CHECK_SECONDS = 10  # --check-device times training this long
 
 def check_device(flags, device):
     """A GPU's step against the CPU's, then training's speed."""
-    name = device
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device
     print(f"device {name}  torch {torch.__version__}  CUDA {torch.version.cuda}")
-    if device.type != "cpu":  # the CPU is the reference
+    if device.type != "cpu":  # the CPU: the reference
         error = compare_with_cpu(flags, device)
         if not error <= TOLERANCE:  # NaN fails too
-            raise GanError(f"device check failed: {device} differs from the CPU "
-                           f"by {error:.1e}")
+            raise GanError(f"device check failed: {device} differs from the CPU by {error:.1e}")
         print(f"device check passed: {device} matches the CPU to {error:.0e}")
     seconds = seconds_per_step(flags, device)
     batch = flags["batch_size"]
@@ -524,16 +508,13 @@ def check_device(flags, device):
     print(f"training: {batch / seconds:,.0f} img/s; {flags['epochs']} epochs of "
           f"MNIST ({steps:,} steps) in {steps * seconds / 60:.1f} min")
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-        print(f"peak GPU memory {peak:.2f} GiB")
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
 
 
 def compare_with_cpu(flags, device, batches=5):
-    """The worst relative difference of one float32 step's losses,
-    gradients and new weights on `device` from the CPU's."""
+    """A float32 step's worst relative difference on `device` from the CPU's."""
     run = new_run(flags, torch.device("cpu"))
-    shape = (batches, flags["batch_size"], *image_shape(flags))
-    real = torch.rand(shape) * 2 - 1
+    real = torch.rand(batches, flags["batch_size"], *image_shape(flags)) * 2 - 1
     z = torch.randn(batches, flags["batch_size"], run.G.latent_dim)
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # no TF32
@@ -551,8 +532,8 @@ def check_step(run, real, z, device, lr):
     """A train_step from the run's first weights, on `device`."""
     G = copy.deepcopy(run.G).to(device)
     D = copy.deepcopy(run.D).to(device).eval()  # no dropout masks
-    stats = train_step(G, D, make_optimizer(G, lr), make_optimizer(D, lr),
-                       real.to(device), z.to(device))
+    stats = train_step(
+        G, D, make_optimizer(G, lr), make_optimizer(D, lr), real.to(device), z.to(device))
     params = [[*G.parameters()], [*D.parameters()]]
     grads = [torch.cat([p.grad.flatten() for p in net]) for net in params]
     weights = [torch.cat([p.detach().flatten() for p in net]) for net in params]
@@ -560,8 +541,7 @@ def check_step(run, real, z, device, lr):
 
 
 def seconds_per_step(flags, device, chunk=10):
-    """Training's time a step at these flags, on random pixels, over
-    CHECK_SECONDS after a warm-up."""
+    """A training step's seconds, over CHECK_SECONDS after a warm-up."""
     run = new_run(flags, device)
     shape = (chunk * flags["batch_size"], *image_shape(flags))
     pixels = torch.randint(0, 256, shape, dtype=torch.uint8).to(device)
@@ -578,7 +558,7 @@ def seconds_per_step(flags, device, chunk=10):
 # ---- Training and generating ----
 def train(args, device):
     """Train to --epochs or --max-steps: the exit code."""
-    # Absolute: a resume and --eval find it from any folder
+    # Absolute: resume and --eval find it anywhere
     args.data_dir = str(Path(args.data_dir).resolve())
     if args.dataset == "folder":
         pixels = read_folder(args.data_dir, args.channels, args.image_size)
@@ -588,9 +568,7 @@ def train(args, device):
     if args.batch_size > len(pixels):
         raise GanError(f"--batch-size {args.batch_size}: only {len(pixels)} images")
     flags = {name: getattr(args, name) for name in sorted(SAVED)}
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume)
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
     run = new_run(flags, device, checkpoint)
     if run.order is not None and len(run.order) != len(pixels):
         raise GanError(f"the run's epoch has {len(run.order)} images, "
@@ -601,45 +579,26 @@ def train(args, device):
         try:  # a new run, or a resume into another folder
             save_checkpoint(run, flags, run_dir, exclusive=True)
         except FileExistsError:
-            raise GanError(f"{run_dir} already holds a run; continue it with --resume "
-                           f"{run_dir}, or choose another --out-dir") from None
+            raise GanError(f"{run_dir} already holds a run: --resume {run_dir}, "
+                           "or another --out-dir") from None
     print(f"device {device}  torch {torch.__version__}  amp {args.amp}\n"
-          f"{len(pixels)} images, run folder {run_dir}\nflags {json.dumps(flags)}",
-          flush=True)
-    steps_per_epoch = len(pixels) // args.batch_size
-    last_step = math.inf
-    if args.max_steps:
-        last_step = args.max_steps
-    if run.epoch >= args.epochs or run.step >= last_step:
+          f"{len(pixels)} images, run folder {run_dir}\nflags {json.dumps(flags)}", flush=True)
+    if run.epoch >= args.epochs or run.step >= args.max_steps:
         print(f"nothing to train: the run is at step {run.step}")
     saved_step = run.step
     try:
-        while run.epoch < args.epochs and run.step < last_step:
-            start = time.perf_counter()
-            means = train_part(run, args, pixels, last_step)
-            if not all(p.isfinite().all() for p in run.G.parameters()):
-                raise GanError(f"diverged by step {run.step}; try a smaller --lr")
-            seconds = time.perf_counter() - start
-            completed = len(run.order) - run.done < args.batch_size
-            state = "done" if completed else "stopped"
-            print(f"epoch {run.epoch + 1}/{args.epochs} {state}: mean "
-                  f"{format_stats(means)}  {seconds:.1f}s", flush=True)
-            grid = f"step_{run.step:07d}.png"
-            if completed:
-                run.epoch += 1
-                run.order = None
-                run.done = 0
-                grid = f"epoch_{run.epoch:03d}.png"
+        while run.epoch < args.epochs and run.step < args.max_steps:
+            grid = train_part(run, args, pixels)
             save_checkpoint(run, flags, run_dir)
             saved_step = run.step
             save_grid(sample(run.ema.G, run.fixed_noise), run_dir / "samples" / grid)
             save_metrics(run.metrics, run_dir / "metrics.csv")
-            plot_losses(run.metrics, steps_per_epoch, run_dir / "losses.png")
+            plot_losses(run.metrics, len(pixels) // args.batch_size, run_dir / "losses.png")
     except KeyboardInterrupt:  # Ctrl-C: the last checkpoint is whole
         print(f"interrupted; resume from step {saved_step}: "
               f"python vanilla_gan.py --resume {run_dir}")
         return 130
-    if args.eval:  # noise of its own, the same in every report
+    if args.eval:  # noise of its own, the same each report
         rng = torch.Generator().manual_seed(0)
         z = torch.randn(EVAL_SAMPLES, args.latent_dim, generator=rng)
         images = sample(run.ema.G, z.to(device))
@@ -649,26 +608,21 @@ def train(args, device):
 
 
 def run_folder(args):
-    """--out-dir, or a new runs/<date-time>-<random> that runs/latest
-    links to."""
+    """--out-dir, or a new runs/<date-time>-<random> linked as runs/latest."""
     name = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex()
-    folder = Path("runs", name)
-    if args.out_dir:  # None, or "": a new one
-        folder = Path(args.out_dir)
-    inside = folder.resolve().is_relative_to(args.data_dir)
-    if args.dataset == "folder" and inside:  # its grids would train
+    folder = Path(args.out_dir) if args.out_dir else Path("runs", name)  # None or "": new
+    if args.dataset == "folder" and folder.resolve().is_relative_to(args.data_dir):
         raise GanError(f"{folder} is inside --data-dir: give another --out-dir")
     (folder / "samples").mkdir(parents=True, exist_ok=True)
-    if not args.out_dir:
-        with contextlib.suppress(OSError):  # Windows may refuse links
-            with written_whole(Path("runs", "latest")) as tmp:
-                tmp.symlink_to(name, target_is_directory=True)
+    if not args.out_dir:  # Windows may refuse links
+        with contextlib.suppress(OSError), written_whole(Path("runs", "latest")) as tmp:
+            tmp.symlink_to(name, target_is_directory=True)
     return folder
 
 
-def train_part(run, args, pixels, last_step):
-    """Train to the epoch's end or the last step: the mean stats."""
-    if run.order is None:  # a new order each epoch
+def train_part(run, args, pixels):
+    """Train to the epoch's end or --max-steps, logged: its grid's name."""
+    if run.order is None:  # new each epoch
         run.order = torch.randperm(len(pixels), device=pixels.device)
     sums = torch.zeros(len(STATS), device=pixels.device)
     first_step = run.step
@@ -679,11 +633,10 @@ def train_part(run, args, pixels, last_step):
         sums += stats  # on the device: no waiting
         run.step += 1
         run.done += args.batch_size
-        last = run.step >= last_step
+        last = run.step >= args.max_steps
         if last or run.step % args.log_every == 0:
             stats = stats.tolist()  # waits for the step: only here
-            seconds = time.perf_counter() - start
-            rate = (run.step - first_step) * args.batch_size / seconds
+            rate = (run.step - first_step) * args.batch_size / (time.perf_counter() - start)
             run.metrics.append({"epoch": run.epoch + 1, "step": run.step,
                                 **dict(zip(STATS, stats)), "images_per_s": round(rate)})
             batch = run.done // args.batch_size
@@ -691,34 +644,38 @@ def train_part(run, args, pixels, last_step):
                   f"{format_stats(stats)}  {rate:,.0f} img/s", flush=True)
         if last:
             break
-    return (sums / (run.step - first_step)).tolist()  # one wait
+    means = (sums / (run.step - first_step)).tolist()  # one wait
+    if not all(p.isfinite().all() for p in run.G.parameters()):
+        raise GanError(f"diverged by step {run.step}; try a smaller --lr")
+    completed = len(run.order) - run.done < args.batch_size
+    state = "done" if completed else "stopped"
+    print(f"epoch {run.epoch + 1}/{args.epochs} {state}: mean {format_stats(means)}  "
+          f"{time.perf_counter() - start:.1f}s", flush=True)
+    if not completed:
+        return f"step_{run.step:07d}.png"
+    run.epoch += 1
+    run.order = None
+    run.done = 0
+    return f"epoch_{run.epoch:03d}.png"
 
 
 def format_stats(stats):
     return "  ".join(f"{name} {value:.4f}" for name, value in zip(STATS, stats))
 
 
-RUN_FILES = ("checkpoint.pt", "flags.json", "metrics.csv", "losses.png")
-
-
 def generate(args, device):
     """N images of a run's averaged G, as a grid or a tensor."""
     source = checkpoint_file(args.checkpoint)
-    out = source.parent / "generated.png"
-    if args.out:
-        out = args.out
+    out = args.out
     if not out.parent.is_dir():
         raise GanError(f"--out {out}: no folder {out.parent}")
-    run_dir = out.parent
-    if run_dir.name == "samples":  # a run's grids are its own too
-        run_dir = run_dir.parent
+    run_dir = out.parent.parent if out.parent.name == "samples" else out.parent  # grids too
     own = out.name in RUN_FILES or run_dir != out.parent
     if out.resolve() == source.resolve() or (own and checkpoint_file(run_dir).exists()):
         raise GanError(f"--out {out} is for a run's own files")
     checkpoint = load_checkpoint(source)  # once: a trainer may save anew
     G = load_generator(source, device, checkpoint)
-    # Noise drawn on the CPU: a seed gives it on any device
-    rng = torch.Generator().manual_seed(args.seed)
+    rng = torch.Generator().manual_seed(args.seed)  # on the CPU: any device, same z
     z = torch.randn(args.generate, G.latent_dim, generator=rng)
     images = sample(G, z.to(device)).cpu()
     if out.suffix.lower() == ".pt":
@@ -734,20 +691,16 @@ def generate(args, device):
 
 
 # ---- The command line ----
-# Tutorials' setups, trained by this script's step: no dropout in D,
-# no averaged G (a decay of 0 samples G itself)
+# Tutorials' setups, trained by train_step: no dropout in D, no averaged G
 TUTORIAL = {"latent_dim": 100, "g_activation": "relu", "g_batchnorm": False,
             "d_dropout": 0.0, "ema_decay": 0.0, "batch_size": 128, "lr": 2e-4}
 CONFIGS = {
-    "shallow": {**TUTORIAL, "g_hidden": [128], "d_hidden": [128],
-                "batch_size": 64, "epochs": 100},
+    "shallow": {**TUTORIAL, "g_hidden": [128], "d_hidden": [128], "batch_size": 64, "epochs": 100},
     "classic": {**TUTORIAL, "g_hidden": [256, 512], "g_activation": "leaky-relu",
                 "d_hidden": [512, 256], "epochs": 50},
-    "deep": {**TUTORIAL, "g_hidden": [256, 512, 1024],
-             "d_hidden": [1024, 512, 256], "epochs": 20},
-    "batchnorm": {**TUTORIAL, "latent_dim": 64, "g_batchnorm": True,
-                  "g_hidden": [128, 256, 512, 1024],
-                  "d_hidden": [1024, 512, 256], "epochs": 500, "lr": 1e-5},
+    "deep": {**TUTORIAL, "g_hidden": [256, 512, 1024], "d_hidden": [1024, 512, 256], "epochs": 20},
+    "batchnorm": {**TUTORIAL, "latent_dim": 64, "g_batchnorm": True, "epochs": 500, "lr": 1e-5,
+                  "g_hidden": [128, 256, 512, 1024], "d_hidden": [1024, 512, 256]},
 }
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
@@ -766,72 +719,73 @@ positive_int = checked(int, lambda n: n > 0, "positive")
 positive = checked(float, lambda x: 0 < x < math.inf, "positive")
 fraction = checked(float, lambda x: 0 <= x < 1, "in [0, 1)")
 seed_type = checked(int, lambda n: 0 <= n < 2**64, "a seed in [0, 2**64)")
-device_type = checked(str, lambda x: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", x),
-                      DEVICES)
+device_type = checked(str, lambda x: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", x), DEVICES)
 
 
 def build_parser():
     parser = argparse.ArgumentParser("vanilla_gan.py")
-    parser.add_argument("--config", choices=CONFIGS,
-                        help="a tutorial's setup (README); typed flags win")
-    parser.add_argument("--epochs", type=positive_int, default=50,
-                        help="passes over the data (default: 50)")
-    parser.add_argument("--max-steps", type=positive_int,
-                        help="stop when the run has this many steps")
-    parser.add_argument("--device", type=device_type, default="auto",
-                        help=f"{DEVICES} (default: auto: cuda, else mps, else cpu)")
+    parser.add_argument("--config", choices=CONFIGS, help="a tutorial's setup; typed flags win")
+    parser.add_argument(
+        "--epochs", type=positive_int, default=50, help="passes over the data (default: 50)")
+    parser.add_argument("--max-steps", type=positive_int, default=math.inf, help="step to stop at")
+    parser.add_argument(
+        "--device", type=device_type, default="auto",
+        help=f"{DEVICES} (default: auto: cuda, else mps, else cpu)")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    parser.add_argument("--seed", type=seed_type, default=42,
-                        help="of weights, noise, order, dropout (default: 42)")
-    parser.add_argument("--dataset", default="mnist", choices=[*DATASETS, "folder"],
-                        help="folder: your images (default: mnist)")
-    parser.add_argument("--data-dir", default="data",
-                        help="holds MNIST/raw/ (or the dataset's) or your images "
-                        "(default: data)")
-    parser.add_argument("--channels", type=int, choices=[1, 3], default=1,
-                        help="for folder: grey or RGB (default: 1)")
-    parser.add_argument("--image-size", type=positive_int, default=28,
-                        help="for folder: the side images are fit to (default: 28)")
-    parser.add_argument("--latent-dim", type=positive_int, default=100,
-                        help="z's size (default: 100)")
-    parser.add_argument("--g-hidden", type=positive_int, nargs="+", metavar="W",
-                        default=[256, 512, 1024], help="G's widths (default: 256 512 1024)")
-    parser.add_argument("--g-activation", choices=ACTIVATIONS, default="leaky-relu",
-                        help="G's activation (default: leaky-relu)")
-    parser.add_argument("--g-batchnorm", action="store_true",
-                        help="BatchNorm before each activation in G")
-    parser.add_argument("--d-hidden", type=positive_int, nargs="+", metavar="W",
-                        default=[512, 256], help="D's widths (default: 512 256)")
-    parser.add_argument("--d-dropout", type=fraction, default=0.3,
-                        help="Dropout in D, 0 for none (default: 0.3)")
-    parser.add_argument("--ema-decay", type=fraction, default=0.9995,
-                        help="of G's average; 0 samples G itself (default: 0.9995)")
-    parser.add_argument("--batch-size", type=positive_int, default=128,
-                        help="real images per step (default: 128)")
-    parser.add_argument("--lr", type=positive, default=3e-4,
-                        help="Adam's learning rate, G's and D's (default: 3e-4)")
+    parser.add_argument(
+        "--seed", type=seed_type, default=42,
+        help="of weights, noise, order, dropout (default: 42)")
+    parser.add_argument(
+        "--dataset", default="mnist", choices=[*DATASETS, "folder"],
+        help="folder: your images (default: mnist)")
+    parser.add_argument(
+        "--data-dir", default="data", help="holds MNIST/raw/ etc., or your images (default: data)")
+    parser.add_argument(
+        "--channels", type=int, choices=[1, 3], default=1, help="folder: grey or RGB (default: 1)")
+    parser.add_argument(
+        "--image-size", type=positive_int, default=28, help="folder: side to fit to (default: 28)")
+    parser.add_argument(
+        "--latent-dim", type=positive_int, default=100, help="z's size (default: 100)")
+    parser.add_argument(
+        "--g-hidden", type=positive_int, nargs="+", metavar="W", default=[256, 512, 1024],
+        help="G's widths (default: 256 512 1024)")
+    parser.add_argument(
+        "--g-activation", choices=ACTIVATIONS, default="leaky-relu",
+        help="G's activation (default: leaky-relu)")
+    parser.add_argument(
+        "--g-batchnorm", action="store_true", help="BatchNorm before each activation in G")
+    parser.add_argument(
+        "--d-hidden", type=positive_int, nargs="+", metavar="W", default=[512, 256],
+        help="D's widths (default: 512 256)")
+    parser.add_argument(
+        "--d-dropout", type=fraction, default=0.3, help="Dropout in D, 0 for none (default: 0.3)")
+    parser.add_argument(
+        "--ema-decay", type=fraction, default=0.9995,
+        help="of G's average; 0 samples G itself (default: 0.9995)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=128, help="real images per step (default: 128)")
+    parser.add_argument(
+        "--lr", type=positive, default=3e-4, help="Adam's lr, G's and D's (default: 3e-4)")
     parser.add_argument("--out-dir", help="the run folder (default: new in runs/)")
-    parser.add_argument("--log-every", type=positive_int, default=100,
-                        help="steps between logged lines (default: 100)")
-    parser.add_argument("--eval", action="store_true",
-                        help="FID and class shares of the samples (not for folder)")
+    parser.add_argument(
+        "--log-every", type=positive_int, default=100, help="steps between logs (default: 100)")
+    parser.add_argument(
+        "--eval", action="store_true", help="FID and class shares of the samples (not folder)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", metavar="RUN", help="continue a run folder or checkpoint")
-    mode.add_argument("--generate", type=positive_int, metavar="N",
-                      help="only generate N images from --checkpoint")
-    mode.add_argument("--check-device", nargs="?", const="auto", type=device_type,
-                      metavar="DEVICE",
-                      help="only check a device (default: auto) and its speed")
-    parser.add_argument("--checkpoint", metavar="RUN",
-                        help="for --generate: a run folder or checkpoint")
-    parser.add_argument("--out", type=Path,
-                        help="for --generate: a grid (.png, .jpg, ...) or a tensor (.pt)")
+    mode.add_argument(
+        "--generate", type=positive_int, metavar="N", help="only make N images from --checkpoint")
+    mode.add_argument(
+        "--check-device", nargs="?", const="auto", type=device_type, metavar="DEVICE",
+        help="only check a device (default: auto) and its speed")
+    parser.add_argument("--checkpoint", metavar="RUN", help="--generate's run folder or checkpoint")
+    parser.add_argument(
+        "--out", type=Path, help="--generate's grid (.png, .jpg, ...) or tensor (.pt)")
     return parser
 
 
 def parse_args(argv=None):
-    """Each flag as typed, else its --config's, else the resumed (or
-    sampled) run's, else its default."""
+    """Each flag as typed, else --config's, else the run's, else default."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.generate and not args.checkpoint:
@@ -839,29 +793,27 @@ def parse_args(argv=None):
     if not args.generate and (args.checkpoint or args.out):
         parser.error("--checkpoint and --out go with --generate")
     saved = {}
-    source = args.resume
-    if args.generate:
-        source = args.checkpoint
+    source = args.checkpoint if args.generate else args.resume
     if source:
         path = checkpoint_file(source)
         saved = load_checkpoint(path)["args"]
-        parser.set_defaults(**saved, out_dir=str(path.resolve().parent))
-    if args.config:  # over the run's flags: a change is refused below
+        folder = path.resolve().parent
+        parser.set_defaults(**saved, out_dir=str(folder), out=path.parent / "generated.png")
+    if args.config:  # over the run's: a change is refused below
         parser.set_defaults(**CONFIGS[args.config])
     args = parser.parse_args(argv)  # again, with those defaults
     kept = KEPT & saved.keys()
     if args.generate:
         kept.discard("seed")  # --generate's seed draws z
     for name in sorted(kept):
-        if getattr(args, name) != saved[name]:
+        value = getattr(args, name)
+        if value != saved[name]:
             flag = f"--{name.replace('_', '-')}"
-            raise GanError(f"the run has {flag} {saved[name]}, not "
-                           f"{getattr(args, name)}: a resume keeps it")
+            raise GanError(f"the run has {flag} {saved[name]}, not {value}: a resume keeps it")
     reads_data = args.resume is not None or args.eval
     gone = not Path(args.data_dir).exists()
     if saved and reads_data and gone and args.data_dir == saved["data_dir"]:
-        raise GanError(f"the run's data folder {args.data_dir} is gone: "
-                       "give --data-dir")
+        raise GanError(f"the run's data folder {args.data_dir} is gone: give --data-dir")
     if args.eval and args.dataset == "folder":
         parser.error("--eval needs a built-in dataset, not folder")
     if args.dataset != "folder" and image_shape(vars(args)) != IMAGE_SHAPE:
@@ -871,8 +823,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     """The command line: main(["--epochs", "1"]) returns the code."""
-    if argv is not None:
-        argv = [str(arg) for arg in argv]  # Paths and numbers too
+    argv = None if argv is None else [str(arg) for arg in argv]  # Paths, numbers too
     precision = torch.get_float32_matmul_precision()
     try:
         args = parse_args(argv)
@@ -891,7 +842,7 @@ def main(argv=None):
     except (GanError, OSError) as e:  # OSError: in Python's words
         print(f"vanilla_gan.py: error: {e}", file=sys.stderr)
         return 1
-    finally:  # the caller's float32 precision back (a notebook's)
+    finally:  # the caller's float32 precision back (notebooks)
         torch.set_float32_matmul_precision(precision)
 
 
