@@ -566,8 +566,8 @@ def test_a_folder_of_your_own_images_trains_resumes_and_generates_in_colour(caps
     assert code == 0 and "42 images, run folder" in out, err
     assert f"1 unreadable, skipped, e.g. {folder / 'grey' / 'broken.png'}" in out
     run = tmp_path / "rgb"
-    proc = cli(*base, "--channels", 3, "--image-size", 32, "--out-dir", run, "--max-steps", 2)
-    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    flags = ["--channels", 3, "--image-size", 32, "--out-dir", run, "--max-steps", 2]
+    assert run_main(capsys, *base, *flags)[0] == 0
     code, _, err = run_main(capsys, "--generate", 4, "--checkpoint", run)
     image = Image.open(run / "generated.png")
     assert code == 0 and image.mode == "RGB" and image.size == (2 * 34 + 2, 2 * 34 + 2), err

@@ -572,7 +572,7 @@ def train(args, device):
     run = new_run(flags, device, checkpoint)
     if run.order is not None and len(run.order) != len(pixels):
         raise GanError(f"the run's epoch has {len(run.order)} images, "
-                       f"{args.data_dir} {len(pixels)}: put them back")
+                       f"{args.data_dir} now {len(pixels)}: put them back")
     run_dir = run_folder(args)
     own = checkpoint_file(run_dir).resolve()
     if args.resume is None or checkpoint_file(args.resume).resolve() != own:

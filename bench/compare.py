@@ -98,7 +98,8 @@ def main():
             print(f"pair {pair + 1}/{args.pairs}  {name:12s} {seconds:7.1f}s"
                   f"  peak {peak_mib:7.0f} MiB", flush=True)
 
-    print(f"\n{args.epochs} epoch(s), {args.pairs} pair(s), device {args.device or 'default'}")
+    device = args.device if args.device else "each script's default"
+    print(f"\n{args.epochs} epoch(s), {args.pairs} pair(s), device: {device}")
     for name in (TEXTBOOK, VANILLA):
         memory = statistics.median(peaks[name])
         print(f"{name:12s} {describe(times[name])}, median peak {memory:.0f} MiB")
