@@ -493,24 +493,6 @@ TOLERANCE = 1e-4  # rounding differs by ~1e-6, a layer off by 0.5% by ~1e-2
 CHECK_SECONDS = 10  # --check-device times training this long
 
 
-def check_device(flags, device):
-    """A GPU's step against the CPU's, then training's speed."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device
-    print(f"device {name}  torch {torch.__version__}  CUDA {torch.version.cuda}")
-    if device.type != "cpu":  # the CPU: the reference
-        error = compare_with_cpu(flags, device)
-        if not error <= TOLERANCE:  # NaN fails too
-            raise GanError(f"device check failed: {device} differs from the CPU by {error:.1e}")
-        print(f"device check passed: {device} matches the CPU to {error:.0e}")
-    seconds = seconds_per_step(flags, device)
-    batch = flags["batch_size"]
-    steps = flags["epochs"] * (60_000 // batch)
-    print(f"training: {batch / seconds:,.0f} img/s; {flags['epochs']} epochs of "
-          f"MNIST ({steps:,} steps) in {steps * seconds / 60:.1f} min")
-    if device.type == "cuda":
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
-
-
 def compare_with_cpu(flags, device, batches=5):
     """A float32 step's worst relative difference on `device` from the CPU's."""
     run = new_run(flags, torch.device("cpu"))
@@ -555,56 +537,27 @@ def seconds_per_step(flags, device, chunk=10):
     return sum(times[1:]) / (chunk * (len(times) - 1))
 
 
+def check_device(flags, device):
+    """A GPU's step against the CPU's, then training's speed."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device
+    print(f"device {name}  torch {torch.__version__}  CUDA {torch.version.cuda}")
+    if device.type != "cpu":  # the CPU: the reference
+        error = compare_with_cpu(flags, device)
+        if not error <= TOLERANCE:  # NaN fails too
+            raise GanError(f"device check failed: {device} differs from the CPU by {error:.1e}")
+        print(f"device check passed: {device} matches the CPU to {error:.0e}")
+    seconds = seconds_per_step(flags, device)
+    batch = flags["batch_size"]
+    steps = flags["epochs"] * (60_000 // batch)
+    print(f"training: {batch / seconds:,.0f} img/s; {flags['epochs']} epochs of "
+          f"MNIST ({steps:,} steps) in {steps * seconds / 60:.1f} min")
+    if device.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+
+
 # ---- Training and generating ----
-def train(args, device):
-    """Train to --epochs or --max-steps: the exit code."""
-    # Absolute: resume and --eval find it anywhere
-    args.data_dir = str(Path(args.data_dir).resolve())
-    if args.dataset == "folder":
-        pixels = read_folder(args.data_dir, args.channels, args.image_size)
-    else:
-        pixels = load_dataset(args.dataset, args.data_dir)[0]
-    pixels = pixels.to(device)
-    if args.batch_size > len(pixels):
-        raise GanError(f"--batch-size {args.batch_size}: only {len(pixels)} images")
-    flags = {name: getattr(args, name) for name in sorted(SAVED)}
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    run = new_run(flags, device, checkpoint)
-    if run.order is not None and len(run.order) != len(pixels):
-        raise GanError(f"the run's epoch has {len(run.order)} images, "
-                       f"{args.data_dir} now {len(pixels)}: put them back")
-    run_dir = run_folder(args)
-    own = checkpoint_file(run_dir).resolve()
-    if args.resume is None or checkpoint_file(args.resume).resolve() != own:
-        try:  # a new run, or a resume into another folder
-            save_checkpoint(run, flags, run_dir, exclusive=True)
-        except FileExistsError:
-            raise GanError(f"{run_dir} already holds a run: --resume {run_dir}, "
-                           "or another --out-dir") from None
-    print(f"device {device}  torch {torch.__version__}  amp {args.amp}\n"
-          f"{len(pixels)} images, run folder {run_dir}\nflags {json.dumps(flags)}", flush=True)
-    if run.epoch >= args.epochs or run.step >= args.max_steps:
-        print(f"nothing to train: the run is at step {run.step}")
-    saved_step = run.step
-    try:
-        while run.epoch < args.epochs and run.step < args.max_steps:
-            grid = train_part(run, args, pixels)
-            save_checkpoint(run, flags, run_dir)
-            saved_step = run.step
-            save_grid(sample(run.ema.G, run.fixed_noise), run_dir / "samples" / grid)
-            save_metrics(run.metrics, run_dir / "metrics.csv")
-            plot_losses(run.metrics, len(pixels) // args.batch_size, run_dir / "losses.png")
-    except KeyboardInterrupt:  # Ctrl-C: the last checkpoint is whole
-        print(f"interrupted; resume from step {saved_step}: "
-              f"python vanilla_gan.py --resume {run_dir}")
-        return 130
-    if args.eval:  # noise of its own, the same each report
-        rng = torch.Generator().manual_seed(0)
-        z = torch.randn(EVAL_SAMPLES, args.latent_dim, generator=rng)
-        images = sample(run.ema.G, z.to(device))
-        report_quality(images, args.dataset, args.data_dir, device)
-    print(f"done: {run.step} steps. Outputs in {run_dir}")
-    return 0
+def format_stats(stats):
+    return "  ".join(f"{name} {value:.4f}" for name, value in zip(STATS, stats))
 
 
 def run_folder(args):
@@ -659,8 +612,55 @@ def train_part(run, args, pixels):
     return f"epoch_{run.epoch:03d}.png"
 
 
-def format_stats(stats):
-    return "  ".join(f"{name} {value:.4f}" for name, value in zip(STATS, stats))
+def train(args, device):
+    """Train to --epochs or --max-steps: the exit code."""
+    # Absolute: resume and --eval find it anywhere
+    args.data_dir = str(Path(args.data_dir).resolve())
+    if args.dataset == "folder":
+        pixels = read_folder(args.data_dir, args.channels, args.image_size)
+    else:
+        pixels = load_dataset(args.dataset, args.data_dir)[0]
+    pixels = pixels.to(device)
+    if args.batch_size > len(pixels):
+        raise GanError(f"--batch-size {args.batch_size}: only {len(pixels)} images")
+    flags = {name: getattr(args, name) for name in sorted(SAVED)}
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    run = new_run(flags, device, checkpoint)
+    if run.order is not None and len(run.order) != len(pixels):
+        raise GanError(f"the run's epoch has {len(run.order)} images, "
+                       f"{args.data_dir} now {len(pixels)}: put them back")
+    run_dir = run_folder(args)
+    own = checkpoint_file(run_dir).resolve()
+    if args.resume is None or checkpoint_file(args.resume).resolve() != own:
+        try:  # a new run, or a resume into another folder
+            save_checkpoint(run, flags, run_dir, exclusive=True)
+        except FileExistsError:
+            raise GanError(f"{run_dir} already holds a run: --resume {run_dir}, "
+                           "or another --out-dir") from None
+    print(f"device {device}  torch {torch.__version__}  amp {args.amp}\n"
+          f"{len(pixels)} images, run folder {run_dir}\nflags {json.dumps(flags)}", flush=True)
+    if run.epoch >= args.epochs or run.step >= args.max_steps:
+        print(f"nothing to train: the run is at step {run.step}")
+    saved_step = run.step
+    try:
+        while run.epoch < args.epochs and run.step < args.max_steps:
+            grid = train_part(run, args, pixels)
+            save_checkpoint(run, flags, run_dir)
+            saved_step = run.step
+            save_grid(sample(run.ema.G, run.fixed_noise), run_dir / "samples" / grid)
+            save_metrics(run.metrics, run_dir / "metrics.csv")
+            plot_losses(run.metrics, len(pixels) // args.batch_size, run_dir / "losses.png")
+    except KeyboardInterrupt:  # Ctrl-C: the last checkpoint is whole
+        print(f"interrupted; resume from step {saved_step}: "
+              f"python vanilla_gan.py --resume {run_dir}")
+        return 130
+    if args.eval:  # noise of its own, the same each report
+        rng = torch.Generator().manual_seed(0)
+        z = torch.randn(EVAL_SAMPLES, args.latent_dim, generator=rng)
+        images = sample(run.ema.G, z.to(device))
+        report_quality(images, args.dataset, args.data_dir, device)
+    print(f"done: {run.step} steps. Outputs in {run_dir}")
+    return 0
 
 
 def generate(args, device):
@@ -842,7 +842,7 @@ def main(argv=None):
     except (GanError, OSError) as e:  # OSError: in Python's words
         print(f"vanilla_gan.py: error: {e}", file=sys.stderr)
         return 1
-    finally:  # the caller's float32 precision back (notebooks)
+    finally:  # the caller's precision back (notebooks)
         torch.set_float32_matmul_precision(precision)
 
 
