@@ -195,11 +195,11 @@ def sample(G, z):
 # Above: the GAN. Below: the script around it.
 # ==================================================
 
+
 class GanError(Exception):
     """A refusal we foresaw: one line, exit code 1."""
 
 
-# ---- Data ----
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
 
 
@@ -243,7 +243,6 @@ def read_folder(folder, channels, size):
     return torch.stack(images)
 
 
-# ---- Checkpoints ----
 STATS = ("Loss_D", "Loss_G", "D(x)", "D(G(z))")  # train_step's
 # Flags a resume keeps; SAVED adds those it may change
 KEPT = {"latent_dim", "g_hidden", "g_activation", "g_batchnorm", "d_hidden", "d_dropout",
@@ -261,13 +260,13 @@ class Run:
     D: Discriminator
     opt_G: torch.optim.Optimizer
     opt_D: torch.optim.Optimizer
-    ema: EMA  # its G: grids, --generate, --eval
-    fixed_noise: torch.Tensor  # each grid's z: grids compare
-    epoch: int = 0  # epochs completed
-    step: int = 0  # one D and one G update each
-    order: torch.Tensor | None = None  # this epoch's order
+    ema: EMA  # its G draws the grids and --generate's images
+    fixed_noise: torch.Tensor  # every grid's z
+    epoch: int = 0  # completed
+    step: int = 0
+    order: torch.Tensor | None = None  # this epoch's
     done: int = 0  # images of `order` trained on
-    metrics: list = field(default_factory=list)  # logged rows
+    metrics: list = field(default_factory=list)
 
 
 def image_shape(flags):
@@ -368,7 +367,6 @@ def load_generator(run, device="cpu", checkpoint=None):
     return G.requires_grad_(False).eval().to(device)
 
 
-# ---- Outputs ----
 def save_grid(images, path):
     from PIL import Image
     from torchvision.utils import save_image
@@ -401,7 +399,6 @@ def plot_losses(rows, steps_per_epoch, path):
         ax.figure.savefig(tmp, format="png")
 
 
-# ---- The quality report ----
 def train_classifier(images, labels, device, epochs=3):
     """The judge: a small seeded CNN (99% on MNIST)."""
     with torch.random.fork_rng(devices=[]):  # the GAN's RNG stays
@@ -466,7 +463,6 @@ def report_quality(images, dataset, data_dir, device):
     return fid, shares
 
 
-# ---- Devices and the device check ----
 def pick_device(name):
     if name == "auto":
         name = "cpu"
@@ -555,7 +551,6 @@ def check_device(flags, device):
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
 
 
-# ---- Training and generating ----
 def format_stats(stats):
     return "  ".join(f"{name} {value:.4f}" for name, value in zip(STATS, stats))
 
@@ -690,7 +685,6 @@ def generate(args, device):
     return 0
 
 
-# ---- The command line ----
 # Tutorials' setups, trained by train_step: no dropout in D, no averaged G
 TUTORIAL = {"latent_dim": 100, "g_activation": "relu", "g_batchnorm": False,
             "d_dropout": 0.0, "ema_decay": 0.0, "batch_size": 128, "lr": 2e-4}
@@ -723,52 +717,53 @@ device_type = checked(str, lambda x: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", x
 
 
 def build_parser():
-    parser = argparse.ArgumentParser("vanilla_gan.py")
+    parser = argparse.ArgumentParser(
+        "vanilla_gan.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", choices=CONFIGS, help="a tutorial's setup; typed flags win")
     parser.add_argument(
-        "--epochs", type=positive_int, default=50, help="passes over the data (default: 50)")
+        "--epochs", type=positive_int, default=50, help="passes over the data")
     parser.add_argument("--max-steps", type=positive_int, default=math.inf, help="step to stop at")
     parser.add_argument(
         "--device", type=device_type, default="auto",
-        help=f"{DEVICES} (default: auto: cuda, else mps, else cpu)")
+        help=f"{DEVICES}")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     parser.add_argument(
         "--seed", type=seed_type, default=42,
-        help="of weights, noise, order, dropout (default: 42)")
+        help="of weights, noise, order, dropout")
     parser.add_argument(
         "--dataset", default="mnist", choices=[*DATASETS, "folder"],
-        help="folder: your images (default: mnist)")
+        help="folder: your images")
     parser.add_argument(
-        "--data-dir", default="data", help="holds MNIST/raw/ etc., or your images (default: data)")
+        "--data-dir", default="data", help="holds MNIST/raw/ etc., or your images")
     parser.add_argument(
-        "--channels", type=int, choices=[1, 3], default=1, help="folder: grey or RGB (default: 1)")
+        "--channels", type=int, choices=[1, 3], default=1, help="folder: grey or RGB")
     parser.add_argument(
-        "--image-size", type=positive_int, default=28, help="folder: side to fit to (default: 28)")
+        "--image-size", type=positive_int, default=28, help="folder: side to fit to")
     parser.add_argument(
-        "--latent-dim", type=positive_int, default=100, help="z's size (default: 100)")
+        "--latent-dim", type=positive_int, default=100, help="z's size")
     parser.add_argument(
         "--g-hidden", type=positive_int, nargs="+", metavar="W", default=[256, 512, 1024],
-        help="G's widths (default: 256 512 1024)")
+        help="G's widths")
     parser.add_argument(
         "--g-activation", choices=ACTIVATIONS, default="leaky-relu",
-        help="G's activation (default: leaky-relu)")
+        help="G's activation")
     parser.add_argument(
         "--g-batchnorm", action="store_true", help="BatchNorm before each activation in G")
     parser.add_argument(
         "--d-hidden", type=positive_int, nargs="+", metavar="W", default=[512, 256],
-        help="D's widths (default: 512 256)")
+        help="D's widths")
     parser.add_argument(
-        "--d-dropout", type=fraction, default=0.3, help="Dropout in D, 0 for none (default: 0.3)")
+        "--d-dropout", type=fraction, default=0.3, help="Dropout in D, 0 for none")
     parser.add_argument(
         "--ema-decay", type=fraction, default=0.9995,
-        help="of G's average; 0 samples G itself (default: 0.9995)")
+        help="of G's average; 0 samples G itself")
     parser.add_argument(
-        "--batch-size", type=positive_int, default=128, help="real images per step (default: 128)")
+        "--batch-size", type=positive_int, default=128, help="real images per step")
     parser.add_argument(
-        "--lr", type=positive, default=3e-4, help="Adam's lr, G's and D's (default: 3e-4)")
-    parser.add_argument("--out-dir", help="the run folder (default: new in runs/)")
+        "--lr", type=positive, default=3e-4, help="Adam's lr, G's and D's")
+    parser.add_argument("--out-dir", help="the run folder; none: a new one in runs/")
     parser.add_argument(
-        "--log-every", type=positive_int, default=100, help="steps between logs (default: 100)")
+        "--log-every", type=positive_int, default=100, help="steps between logs")
     parser.add_argument(
         "--eval", action="store_true", help="FID and class shares of the samples (not folder)")
     mode = parser.add_mutually_exclusive_group()
@@ -777,7 +772,7 @@ def build_parser():
         "--generate", type=positive_int, metavar="N", help="only make N images from --checkpoint")
     mode.add_argument(
         "--check-device", nargs="?", const="auto", type=device_type, metavar="DEVICE",
-        help="only check a device (default: auto) and its speed")
+        help="only check a device (auto if none given) and its speed")
     parser.add_argument("--checkpoint", metavar="RUN", help="--generate's run folder or checkpoint")
     parser.add_argument(
         "--out", type=Path, help="--generate's grid (.png, .jpg, ...) or tensor (.pt)")
