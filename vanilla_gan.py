@@ -92,7 +92,7 @@ bce = nn.BCEWithLogitsLoss()
 def train_step(G, D, opt_G, opt_D, real, z, amp=False):
     """One D update, then one G update. Returns [Loss_D, Loss_G,
     D(x), D(G(z))] on the device: reading it waits for the step."""
-    # --amp: bfloat16 products. Off: no autocast (MPS may lack it).
+    # amp: bfloat16 products. Off: no autocast (MPS may lack it).
     autocast = contextlib.nullcontext()
     if amp:
         autocast = torch.autocast(real.device.type, torch.bfloat16)
@@ -466,10 +466,10 @@ def report_quality(images, dataset, data_dir, device):
 def pick_device(name):
     if name == "auto":
         name = "cpu"
-        if torch.backends.mps.is_available():
-            name = "mps"
         if torch.cuda.is_available():
             name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
     device = torch.device(name)
     count = torch.cuda.device_count()
     index = 0 if device.index is None else device.index
@@ -619,8 +619,7 @@ def train(args, device):
     if args.batch_size > len(pixels):
         raise GanError(f"--batch-size {args.batch_size}: only {len(pixels)} images")
     flags = {name: getattr(args, name) for name in sorted(SAVED)}
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    run = new_run(flags, device, checkpoint)
+    run = new_run(flags, device, args.run_checkpoint)
     if run.order is not None and len(run.order) != len(pixels):
         raise GanError(f"the run's epoch has {len(run.order)} images, "
                        f"{args.data_dir} now {len(pixels)}: put them back")
@@ -664,11 +663,12 @@ def generate(args, device):
     out = args.out
     if not out.parent.is_dir():
         raise GanError(f"--out {out}: no folder {out.parent}")
-    run_dir = out.parent.parent if out.parent.name == "samples" else out.parent  # grids too
-    own = out.name in RUN_FILES or run_dir != out.parent
+    in_samples = out.parent.name == "samples"  # a run's grids
+    run_dir = out.parent.parent if in_samples else out.parent
+    own = in_samples or out.name in RUN_FILES
     if out.resolve() == source.resolve() or (own and checkpoint_file(run_dir).exists()):
         raise GanError(f"--out {out} is for a run's own files")
-    checkpoint = load_checkpoint(source)  # once: a trainer may save anew
+    checkpoint = args.run_checkpoint  # as parse_args read it
     G = load_generator(source, device, checkpoint)
     rng = torch.Generator().manual_seed(args.seed)  # on the CPU: any device, same z
     z = torch.randn(args.generate, G.latent_dim, generator=rng)
@@ -725,7 +725,7 @@ def build_parser():
     parser.add_argument("--max-steps", type=positive_int, default=math.inf, help="step to stop at")
     parser.add_argument(
         "--device", type=device_type, default="auto",
-        help=f"{DEVICES}")
+        help=f"{DEVICES}; auto: cuda, else mps, else cpu")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     parser.add_argument(
         "--seed", type=seed_type, default=42,
@@ -789,14 +789,17 @@ def parse_args(argv=None):
         parser.error("--checkpoint and --out go with --generate")
     saved = {}
     source = args.checkpoint if args.generate else args.resume
+    checkpoint = None
     if source:
         path = checkpoint_file(source)
-        saved = load_checkpoint(path)["args"]
+        checkpoint = load_checkpoint(path)
+        saved = checkpoint["args"]
         folder = path.resolve().parent
         parser.set_defaults(**saved, out_dir=str(folder), out=path.parent / "generated.png")
     if args.config:  # over the run's: a change is refused below
         parser.set_defaults(**CONFIGS[args.config])
     args = parser.parse_args(argv)  # again, with those defaults
+    args.run_checkpoint = checkpoint  # read once: a trainer may be saving anew
     kept = KEPT & saved.keys()
     if args.generate:
         kept.discard("seed")  # --generate's seed draws z
