@@ -8,14 +8,18 @@ import argparse
 import contextlib
 import copy
 import csv
+import datetime
+import itertools
 import json
 import math
 import os
-import re
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+
+if __name__ == "__main__":  # a command: before torch loads OpenMP
+    # Idle threads sleep sooner (GNU OpenMP): faster on a busy CPU
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import torch
 from torch import nn
@@ -92,10 +96,11 @@ bce = nn.BCEWithLogitsLoss()
 def train_step(G, D, opt_G, opt_D, real, z, amp=False):
     """One D update, then one G update. Returns [Loss_D, Loss_G,
     D(x), D(G(z))] on the device: reading it waits for the step."""
-    # amp: bfloat16 products. Off: no autocast (MPS may lack it).
+    # amp: bfloat16 products. False: no autocast (MPS may lack it).
     autocast = contextlib.nullcontext()
     if amp:
         autocast = torch.autocast(real.device.type, torch.bfloat16)
+    D.requires_grad_(True)  # a step stopped half way left it frozen
     n = len(real)
     with autocast:
         fake = G(z)  # one fake batch serves both updates
@@ -118,15 +123,13 @@ def train_step(G, D, opt_G, opt_D, real, z, amp=False):
     # new noise; reusing them saves a G pass). Frozen, D passes G its
     # gradient without computing D's own, which opt_G would not use.
     D.requires_grad_(False)
-    try:
-        with autocast:
-            fooled_logits = D(fake).float()
-            loss_G = bce(fooled_logits, torch.ones_like(fooled_logits))
-        opt_G.zero_grad()
-        loss_G.backward()
-        opt_G.step()
-    finally:  # even if interrupted (a notebook's stop button)
-        D.requires_grad_(True)
+    with autocast:
+        fooled_logits = D(fake).float()
+        loss_G = bce(fooled_logits, torch.ones_like(fooled_logits))
+    opt_G.zero_grad()
+    loss_G.backward()
+    opt_G.step()
+    D.requires_grad_(True)
 
     # D(x), D(G(z)): D's mean P(real) before its update; 0.5 at equilibrium
     d_real = torch.sigmoid(real_logits).mean()
@@ -153,8 +156,9 @@ class EMA:
         for averaged, live in zip(self.G.parameters(), G.parameters()):
             # averaged += (1 - decay) (live - averaged)
             averaged.lerp_(live, 1 - decay)
+        # BatchNorm's statistics, if any: the live G's, not averaged
         for averaged, live in zip(self.G.buffers(), G.buffers()):
-            averaged.copy_(live)  # BatchNorm's statistics: copied
+            averaged.copy_(live)
 
 
 def to_unit_range(pixels):
@@ -196,27 +200,44 @@ def sample(G, z):
 # ==================================================
 
 
+DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
+STATS = ("Loss_D", "Loss_G", "D(x)", "D(G(z))")
+# Flags a resume keeps; SAVED adds those it may change
+KEPT = ("batch_size channels d_dropout d_hidden dataset ema_decay g_activation"
+        " g_batchnorm g_hidden image_size latent_dim seed").split()
+SAVED = [*KEPT, "data_dir", "epochs", "log_every", "lr"]
+JUDGE_FEATURES = 128  # FID's: the judge's last hidden layer
+EVAL_SAMPLES = 10_000  # FID falls as N grows: compare at one N
+TOLERANCE = 1e-4  # rounding: ~1e-6; a layer off by 0.5%: ~1e-2
+CHECK_SECONDS = 10  # --check-device times training this long
+# Tutorials' setups, trained by train_step: no Dropout, no averaged G
+TUTORIAL = dict(latent_dim=100, g_activation="relu", g_batchnorm=False,
+                d_dropout=0.0, ema_decay=0.0, batch_size=128, lr=2e-4)
+CONFIGS = {
+    "shallow": dict(TUTORIAL, g_hidden=[128], d_hidden=[128], batch_size=64, epochs=100),
+    "classic": dict(TUTORIAL, g_hidden=[256, 512], g_activation="leaky-relu",
+                    d_hidden=[512, 256], epochs=50),
+    "deep": dict(TUTORIAL, g_hidden=[256, 512, 1024], d_hidden=[1024, 512, 256], epochs=20),
+    "batchnorm": dict(TUTORIAL, latent_dim=64, g_batchnorm=True, epochs=500, lr=1e-5,
+                      g_hidden=[128, 256, 512, 1024], d_hidden=[1024, 512, 256]),
+}
+
+
 class GanError(Exception):
     """A refusal we foresaw: one line, exit code 1."""
-
-
-DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
 
 
 def load_dataset(name, data_dir, train=True):
     """A split's uint8 images (N, 1, 28, 28) and labels (N,)."""
     import torchvision  # here: --help starts faster
     dataset = getattr(torchvision.datasets, DATASETS[name])
-    raw = Path(data_dir, dataset.__name__, "raw")
-    made = [p for p in [raw, *raw.parents] if not p.exists()]
-    try:
+    try:  # downloaded if missing, when online
         data = dataset(data_dir, train, download=True)
     except Exception as e:  # torchvision raises many kinds
-        for folder in made:  # it made them: gone again
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        why = " ".join(f"{type(e).__name__}: {e}".split())
-        raise GanError(f"cannot load {name} from {raw}: {why}")
+        raw = Path(data_dir, dataset.__name__, "raw")
+        why = f"{type(e).__name__}: {e}".splitlines()[0].rstrip(": ")
+        raise GanError(f"cannot load {name} from {raw} ({why}): "
+                       "put its four files, or their .gz, there")
     return data.data.unsqueeze(1), data.targets
 
 
@@ -225,143 +246,138 @@ def read_folder(folder, channels, size):
     from PIL import Image, ImageOps
     from torchvision.datasets.folder import IMG_EXTENSIONS
     from torchvision.transforms.functional import pil_to_tensor
+    if not Path(folder).is_dir():
+        raise GanError(f"no folder {folder}")
     images = []
-    bad = []
-    paths = [p for p in sorted(Path(folder).rglob("*")) if p.suffix.lower() in IMG_EXTENSIONS]
-    for path in paths:
+    for path in sorted(Path(folder).rglob("*")):
+        if path.suffix.lower() not in IMG_EXTENSIONS:
+            continue
         try:
             with Image.open(path) as image:
                 image = image.convert({1: "L", 3: "RGB"}[channels])
-        except Exception:  # PIL raises many kinds
-            bad.append(path)
+        except Exception:  # PIL raises many kinds: skipped
             continue
         images.append(pil_to_tensor(ImageOps.fit(image, (size, size))))
-    if bad:
-        print(f"{len(bad)} unreadable, skipped, e.g. {bad[0]}")
     if not images:
         raise GanError(f"no readable images in {folder}")
     return torch.stack(images)
-
-
-STATS = ("Loss_D", "Loss_G", "D(x)", "D(G(z))")  # train_step's
-# Flags a resume keeps; SAVED adds those it may change
-KEPT = {"latent_dim", "g_hidden", "g_activation", "g_batchnorm", "d_hidden", "d_dropout",
-        "ema_decay", "dataset", "channels", "image_size", "batch_size", "seed"}
-SAVED = KEPT | {"epochs", "lr", "log_every", "data_dir"}
-STATEFUL = ("G", "D", "opt_G", "opt_D")
-PROGRESS = ("epoch", "step", "order", "done", "fixed_noise", "metrics")
-RUN_FILES = ("checkpoint.pt", "flags.json", "metrics.csv", "losses.png")
-
-
-@dataclass
-class Run:
-    """A training run: checkpoint.pt holds it."""
-    G: Generator
-    D: Discriminator
-    opt_G: torch.optim.Optimizer
-    opt_D: torch.optim.Optimizer
-    ema: EMA  # its G draws the grids and --generate's images
-    fixed_noise: torch.Tensor  # every grid's z
-    epoch: int = 0  # completed
-    step: int = 0
-    order: torch.Tensor | None = None  # this epoch's
-    done: int = 0  # images of `order` trained on
-    metrics: list = field(default_factory=list)
 
 
 def image_shape(flags):
     return (flags["channels"], flags["image_size"], flags["image_size"])
 
 
-def make_generator(flags):  # .get: runs from before those flags
+def make_generator(flags):
     return Generator(flags["latent_dim"], flags["g_hidden"], image_shape(flags),
-                     flags.get("g_activation", "leaky-relu"), flags.get("g_batchnorm", False))
+                     flags["g_activation"], flags["g_batchnorm"])
 
 
-def new_run(flags, device, checkpoint=None):
-    """A new run from `flags`, or as `checkpoint` left it."""
-    torch.manual_seed(flags["seed"])  # weights, noise, order, dropout
-    G = make_generator(flags).to(device)
-    D = Discriminator(flags["d_hidden"], flags["d_dropout"], image_shape(flags)).to(device)
-    opt_G = make_optimizer(G, flags["lr"])
-    opt_D = make_optimizer(D, flags["lr"])
-    noise = torch.randn(64, G.latent_dim).to(device)
-    run = Run(G, D, opt_G, opt_D, EMA(G, flags["ema_decay"]), noise)
-    if checkpoint is None:
-        return run
-    for name in STATEFUL:
-        getattr(run, name).load_state_dict(checkpoint[name])
-    run.ema.G.load_state_dict(checkpoint["G_avg"])
-    run.ema.steps = checkpoint["step"]
-    for group in [*opt_G.param_groups, *opt_D.param_groups]:
-        group["lr"] = flags["lr"]  # lr may change on resume
-    for name in PROGRESS:
-        value = checkpoint[name]
-        if isinstance(value, torch.Tensor):
-            value = value.to(device)
-        setattr(run, name, value)
-    rng = checkpoint["rng"]
-    torch.set_rng_state(rng["cpu"])
-    if device.type != "cpu" and device.type in rng:
-        torch.get_device_module(device).set_rng_state(rng[device.type], device)
-    return run
+class Run:
+    """A run's networks, optimisers, averaged G and progress."""
+
+    def __init__(self, flags, device):
+        torch.manual_seed(flags["seed"])  # weights, noise, order, dropout
+        self.flags = flags
+        self.device = device
+        self.G = make_generator(flags).to(device)
+        D = Discriminator(flags["d_hidden"], flags["d_dropout"], image_shape(flags))
+        self.D = D.to(device)
+        self.opt_G = make_optimizer(self.G, flags["lr"])
+        self.opt_D = make_optimizer(self.D, flags["lr"])
+        self.fixed_noise = torch.randn(64, self.G.latent_dim).to(device)
+        self.ema = EMA(self.G, flags["ema_decay"])
+        self.epoch = 0  # completed
+        self.step = 0
+        self.order = None  # the epoch's
+        self.done = 0  # images of `order` trained on
+        self.metrics = []  # every --log-every steps
+        self.stateful = {"G": self.G, "D": self.D, "G_avg": self.ema.G,
+                         "opt_G": self.opt_G, "opt_D": self.opt_D}
+
+    def checkpoint(self):
+        """All it takes to resume, as one plain dict."""
+        rng = {"cpu": torch.get_rng_state()}
+        device = self.device
+        if device.type != "cpu":  # its own generator draws z there
+            rng[device.type] = torch.get_device_module(device).get_rng_state(device)
+        states = {k: v.state_dict() for k, v in self.stateful.items()}
+        return {"args": self.flags, "rng": rng, **states,
+                "fixed_noise": self.fixed_noise, "epoch": self.epoch,
+                "step": self.step, "order": self.order,
+                "done": self.done, "metrics": self.metrics}
+
+    def resume(self, checkpoint):
+        for name, stateful in self.stateful.items():
+            stateful.load_state_dict(checkpoint[name])
+        for group in [*self.opt_G.param_groups, *self.opt_D.param_groups]:
+            group["lr"] = self.flags["lr"]
+        self.ema.steps = checkpoint["step"]
+        self.fixed_noise = checkpoint["fixed_noise"].to(self.device)
+        self.epoch = checkpoint["epoch"]
+        self.step = checkpoint["step"]
+        self.order = checkpoint["order"]
+        if self.order is not None:
+            self.order = self.order.to(self.device)
+        self.done = checkpoint["done"]
+        self.metrics = checkpoint["metrics"]
+        rng = checkpoint["rng"]
+        torch.set_rng_state(rng["cpu"])
+        device = self.device
+        if device.type in rng and device.type != "cpu":
+            torch.get_device_module(device).set_rng_state(rng[device.type], device)
 
 
 @contextlib.contextmanager
-def written_whole(path, exclusive=False):
-    """Yields a temporary path to write; renamed to `path` after."""
+def written_whole(path):
+    """A path to write, renamed to `path`: a kill midway leaves the old."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
-        if exclusive:
-            os.link(tmp, path)  # only a new one: FileExistsError
-        else:
-            os.replace(tmp, path)  # a crash leaves the old one whole
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def save_checkpoint(run, flags, run_dir, exclusive=False):
-    """checkpoint.pt, all it takes to resume, and flags.json."""
-    rng = {"cpu": torch.get_rng_state()}
-    device = run.fixed_noise.device
-    if device.type != "cpu":  # its own generator draws z there
-        rng[device.type] = torch.get_device_module(device).get_rng_state(device)
-    checkpoint = {"args": flags, "rng": rng, "G_avg": run.ema.G.state_dict()}
-    for name in STATEFUL:
-        checkpoint[name] = getattr(run, name).state_dict()
-    for name in PROGRESS:
-        checkpoint[name] = getattr(run, name)
-    with written_whole(run_dir / "checkpoint.pt", exclusive) as tmp, open(tmp, "wb") as f:
-        torch.save(checkpoint, f)  # a full disk: OSError, as open()'s
+def stamp(path):  # the size and time of the last write
+    if not path.exists():
+        return None
+    status = path.stat()
+    return (status.st_size, status.st_mtime_ns)
+
+
+def save_checkpoint(checkpoint, run_dir, last_stamp):
+    """Unless another process wrote checkpoint.pt since `last_stamp`."""
+    path = run_dir / "checkpoint.pt"
+    if stamp(path) != last_stamp:  # another run's, maybe training
+        raise GanError(f"{run_dir} holds another run: "
+                       f"--resume {run_dir}, or another --out-dir")
+    with written_whole(path) as tmp, open(tmp, "wb") as f:
+        torch.save(checkpoint, f)  # a full disk: OSError, one line
     with written_whole(run_dir / "flags.json") as tmp:
-        tmp.write_text(json.dumps(flags, indent=2) + "\n")
+        tmp.write_text(json.dumps(checkpoint["args"], indent=2) + "\n")
+    return stamp(path)
 
 
 def checkpoint_file(run):
-    """A run folder's checkpoint.pt, or the file named."""
     path = Path(run)
     return path / "checkpoint.pt" if path.is_dir() else path
 
 
-def load_checkpoint(run):
-    path = checkpoint_file(run)
-    if not path.is_file():
-        raise GanError(f"no checkpoint at {path}")
+def load_checkpoint(path):
     try:  # weights_only: loading runs no code
         checkpoint = torch.load(path, "cpu", weights_only=True)
-    except Exception:  # pickle's, zip's or torch's errors
-        raise GanError(f"{path} is damaged or not a checkpoint")
-    keys = {"args", "rng", "G_avg", *STATEFUL, *PROGRESS}
-    if not isinstance(checkpoint, dict) or keys - checkpoint.keys():
+    except Exception:  # the OS's, zip's, pickle's, torch's
+        raise GanError(f"{path} is missing, damaged or not a checkpoint")
+    if not isinstance(checkpoint, dict) or "G_avg" not in checkpoint:
         raise GanError(f"{path} is not a vanilla_gan checkpoint")
     return checkpoint
 
 
 def load_generator(run, device="cpu", checkpoint=None):
-    """A run's averaged G, in eval mode, for sample(G, z)."""
+    """A run folder's (or checkpoint's) averaged G, for sample()."""
     if checkpoint is None:
-        checkpoint = load_checkpoint(run)
+        checkpoint = load_checkpoint(checkpoint_file(run))
     G = make_generator(checkpoint["args"])
     G.load_state_dict(checkpoint["G_avg"])
     return G.requires_grad_(False).eval().to(device)
@@ -375,12 +391,26 @@ def save_grid(images, path):
         raise GanError(f"{path}: end it in .png, .jpg, ... or .pt")
     side = math.ceil(len(images) ** 0.5)
     with written_whole(path) as tmp:
-        save_image(images, tmp, image_format, nrow=side, normalize=True, value_range=(-1, 1))
+        save_image(images, tmp, image_format, nrow=side,
+                   normalize=True, value_range=(-1, 1))
+
+
+def save_progress(samples):
+    """progress.gif: the epochs' grids so far, at most 100."""
+    from PIL import Image
+    paths = sorted(samples.glob("epoch_*.png"))
+    if not paths:
+        return
+    every = math.ceil(len(paths) / 100)  # redrawn fast
+    frames = [Image.open(p) for p in paths[::-every][::-1]]  # the last too
+    with written_whole(samples / "progress.gif") as tmp:
+        frames[0].save(tmp, "GIF", save_all=True, append_images=frames[1:],
+                       duration=200, loop=0)
 
 
 def save_metrics(rows, path):
     with written_whole(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, ["epoch", "step", *STATS, "images_per_s"])
+        writer = csv.DictWriter(f, ["epoch", "step", *STATS])
         writer.writeheader()
         writer.writerows(rows)
 
@@ -389,11 +419,11 @@ def plot_losses(rows, steps_per_epoch, path):
     from matplotlib.figure import Figure  # no GUI, no global state
     ax = Figure(figsize=(8, 4), layout="constrained").subplots()
     epochs = [row["step"] / steps_per_epoch for row in rows]
-    for name in STATS:  # dots: a single row shows too
-        ax.plot(epochs, [row[name] for row in rows], ".-", label=name)
-    for guess in (2 * math.log(2), math.log(2), 0.5):
-        ax.axhline(guess, color="grey", ls="--", lw=1)
-    ax.set(xlabel="epoch", title="dashed: where D can only guess")
+    guesses = (2 * math.log(2), math.log(2), 0.5, 0.5)  # D guessing
+    for name, guess in zip(STATS, guesses):  # dots: one row shows too
+        line = ax.plot(epochs, [row[name] for row in rows], ".-", label=name)[0]
+        ax.axhline(guess, color=line.get_color(), ls="--", lw=1)
+    ax.set(xlabel="epoch", title="dashed: each curve where D only guesses")
     ax.legend()
     with written_whole(path) as tmp:
         ax.figure.savefig(tmp, format="png")
@@ -406,13 +436,16 @@ def train_classifier(images, labels, device, epochs=3):
         model = nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10)).to(device)
+            nn.Flatten(), nn.Linear(32 * 7 * 7, JUDGE_FEATURES), nn.ReLU(),
+            nn.Linear(JUDGE_FEATURES, 10)).to(device)
         images = images.to(device)
         labels = labels.to(device)
         optimizer = torch.optim.Adam(model.parameters())
         steps = epochs * math.ceil(len(images) / 128)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, steps)  # 99% in 3 epochs
-        for _ in range(epochs):
+        # lr up to 3e-3 and down again: 99% in 3 epochs
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, steps)
+        for epoch in range(epochs):
+            print(f"training the judge: epoch {epoch + 1}/{epochs}", flush=True)
             for index in torch.randperm(len(images)).split(128):
                 logits = model(to_unit_range(images[index]))
                 loss = nn.functional.cross_entropy(logits, labels[index])
@@ -425,7 +458,6 @@ def train_classifier(images, labels, device, epochs=3):
 
 @torch.no_grad()
 def judge(classifier, images):
-    """The 128 features FID uses, and each image's class."""
     device = classifier[0].weight.device
     features = torch.cat([classifier[:-1](x.to(device)) for x in images.split(500)])
     classes = classifier[-1](features).argmax(1).cpu()
@@ -434,216 +466,200 @@ def judge(classifier, images):
 
 def frechet_distance(a, b):
     """FID: |mu_a - mu_b|^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2))."""
-    cov_a = torch.atleast_2d(torch.cov(a.T))
-    cov_b = torch.atleast_2d(torch.cov(b.T))
-    # Tr((C_a C_b)^(1/2)): the summed roots of C_a C_b's eigenvalues, real but for rounding
+    cov_a = torch.cov(a.T)
+    cov_b = torch.cov(b.T)
+    # Tr((C_a C_b)^(1/2)): the roots of C_a C_b's eigenvalues, summed
     roots = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real
     means = (a.mean(0) - b.mean(0)).square().sum()
     return (means + cov_a.trace() + cov_b.trace() - 2 * roots.sum()).item()
 
 
-EVAL_SAMPLES = 10_000  # FID falls as N grows: compare at one N
-
-
 def report_quality(images, dataset, data_dir, device):
     """FID against the test set, and the class shares."""
+    n = len(images)
+    if n <= JUDGE_FEATURES:  # else a singular covariance
+        raise GanError(f"--eval needs over {JUDGE_FEATURES} samples, not {n}")
     train_images, labels = load_dataset(dataset, data_dir)
     test_images = load_dataset(dataset, data_dir, False)[0]
-    print("training the judge", flush=True)
-    torch.set_float32_matmul_precision("highest")  # no TF32; main() restores
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        classifier = train_classifier(train_images, labels, device)
-        features, classes = judge(classifier, images)
-        real = judge(classifier, to_unit_range(test_images))[0]
+    classifier = train_classifier(train_images, labels, device)
+    features, classes = judge(classifier, images)
+    real = judge(classifier, to_unit_range(test_images))[0]
     fid = frechet_distance(features, real)
-    shares = torch.bincount(classes, minlength=10) / len(images)
+    shares = torch.bincount(classes, minlength=10) / n
     rarest = shares.argmin().item()
-    print(f"quality of {len(images)} samples: FID {fid:.2f}, rarest class "
+    print(f"quality of {n} samples: FID {fid:.2f}, rarest class "
           f"{rarest} at {shares[rarest]:.1%}", flush=True)
     return fid, shares
 
 
 def pick_device(name):
+    """auto: cuda, else mps, else cpu."""
+    here = {"cpu": True, "mps": torch.backends.mps.is_available(),
+            "cuda": torch.cuda.is_available()}
     if name == "auto":
-        name = "cpu"
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-    device = torch.device(name)
-    count = torch.cuda.device_count()
-    index = 0 if device.index is None else device.index
-    if device.type == "cuda" and index >= count:
-        why = "is built without CUDA"
-        if torch.version.cuda:
-            why = f"sees {count} CUDA device(s) (no driver?)"
-        raise GanError(f"no {name} here: torch {torch.__version__} {why}")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise GanError(f"no mps here: torch {torch.__version__} sees no Apple GPU")
-    if device.type == "cuda":  # TF32 tensor cores; main() restores
-        torch.set_float32_matmul_precision("high")
-    return device
+        name = "cuda" if here["cuda"] else "mps" if here["mps"] else "cpu"
+    if not here[name]:
+        raise GanError(f"no {name} here: torch {torch.__version__} "
+                       f"(CUDA {torch.version.cuda}) sees none")
+    return torch.device(name)
 
 
-TOLERANCE = 1e-4  # rounding differs by ~1e-6, a layer off by 0.5% by ~1e-2
-CHECK_SECONDS = 10  # --check-device times training this long
+def check_step(flags, real, z, device):
+    """A first train_step's stats, gradients and weights."""
+    run = Run(flags, device)
+    run.D.eval()  # no dropout masks
+    stats = train_step(run.G, run.D, run.opt_G, run.opt_D,
+                       real.to(device), z.to(device))
+    params = [*run.G.parameters(), *run.D.parameters()]
+    grads = torch.cat([p.grad.flatten() for p in params])
+    weights = torch.cat([p.detach().flatten() for p in params])
+    return [t.cpu() for t in (stats, grads, weights)]
 
 
 def compare_with_cpu(flags, device, batches=5):
-    """A float32 step's worst relative difference on `device` from the CPU's."""
-    run = new_run(flags, torch.device("cpu"))
-    real = torch.rand(batches, flags["batch_size"], *image_shape(flags)) * 2 - 1
-    z = torch.randn(batches, flags["batch_size"], run.G.latent_dim)
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")  # no TF32
+    """A float32 step's worst relative difference from the CPU's."""
+    shape = (batches, flags["batch_size"])
+    real = torch.rand(*shape, *image_shape(flags)) * 2 - 1
+    z = torch.randn(*shape, flags["latent_dim"])
     errors = []
     for x, noise in zip(real, z):
-        ours = check_step(run, x, noise, device, flags["lr"])
-        cpus = check_step(run, x, noise, "cpu", flags["lr"])
+        ours = check_step(flags, x, noise, device)
+        cpus = check_step(flags, x, noise, torch.device("cpu"))
         errors.append([((a - b).norm() / b.norm()).item() for a, b in zip(ours, cpus)])
-    torch.set_float32_matmul_precision(precision)
     # The median drops a batch where rounding flips a LeakyReLU; NaN stays
     return torch.tensor(errors).median(dim=0).values.max().item()
 
 
-def check_step(run, real, z, device, lr):
-    """A train_step from the run's first weights, on `device`."""
-    G = copy.deepcopy(run.G).to(device)
-    D = copy.deepcopy(run.D).to(device).eval()  # no dropout masks
-    stats = train_step(
-        G, D, make_optimizer(G, lr), make_optimizer(D, lr), real.to(device), z.to(device))
-    params = [[*G.parameters()], [*D.parameters()]]
-    grads = [torch.cat([p.grad.flatten() for p in net]) for net in params]
-    weights = [torch.cat([p.detach().flatten() for p in net]) for net in params]
-    return [t.cpu() for t in (stats, *grads, *weights)]  # float32: MPS has no 64
-
-
 def seconds_per_step(flags, device, chunk=10):
     """A training step's seconds, over CHECK_SECONDS after a warm-up."""
-    run = new_run(flags, device)
-    shape = (chunk * flags["batch_size"], *image_shape(flags))
+    run = Run(flags, device)
+    batch = flags["batch_size"]
+    shape = (chunk * batch, *image_shape(flags))
     pixels = torch.randint(0, 256, shape, dtype=torch.uint8).to(device)
     times = []  # the first chunk's is the warm-up's
     while sum(times[1:]) < CHECK_SECONDS:
         start = time.perf_counter()
-        stats = list(train_epoch(run.G, run.D, run.opt_G, run.opt_D, pixels,
-                                 flags["batch_size"], amp=flags["amp"], ema=run.ema))
-        stats[-1].tolist()  # waits for the last step
+        steps = train_epoch(run.G, run.D, run.opt_G, run.opt_D, pixels, batch,
+                            amp=flags["amp"], ema=run.ema)
+        list(steps)[-1].tolist()  # waits for the last step
         times.append(time.perf_counter() - start)
     return sum(times[1:]) / (chunk * (len(times) - 1))
 
 
 def check_device(flags, device):
-    """A GPU's step against the CPU's, then training's speed."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device
+    """A step on `device` against the CPU's, then training's speed."""
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else device
     print(f"device {name}  torch {torch.__version__}  CUDA {torch.version.cuda}")
-    if device.type != "cpu":  # the CPU: the reference
-        error = compare_with_cpu(flags, device)
-        if not error <= TOLERANCE:  # NaN fails too
-            raise GanError(f"device check failed: {device} differs from the CPU by {error:.1e}")
-        print(f"device check passed: {device} matches the CPU to {error:.0e}")
+    error = compare_with_cpu(flags, device)
+    if not error <= TOLERANCE:  # NaN fails too
+        raise GanError(f"device check failed: {device} is off the CPU by {error:.1e}")
+    print(f"device check passed: {device} matches the CPU to {error:.0e}")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)  # training's peak alone
     seconds = seconds_per_step(flags, device)
-    batch = flags["batch_size"]
-    steps = flags["epochs"] * (60_000 // batch)
-    print(f"training: {batch / seconds:,.0f} img/s; {flags['epochs']} epochs of "
-          f"MNIST ({steps:,} steps) in {steps * seconds / 60:.1f} min")
-    if device.type == "cuda":
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    epochs = flags["epochs"]
+    steps = epochs * (60_000 // flags["batch_size"])
+    print(f"training: {flags['batch_size'] / seconds:,.0f} img/s; {epochs} epochs "
+          f"of MNIST ({steps:,} steps) in {steps * seconds / 60:.1f} min")
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        print(f"peak GPU memory {peak:.2f} GiB")
 
 
 def format_stats(stats):
-    return "  ".join(f"{name} {value:.4f}" for name, value in zip(STATS, stats))
+    return "  ".join(f"{name} {x:.4f}" for name, x in zip(STATS, stats))
+
+
+def time_left(steps, steps_per_second):
+    return f"{datetime.timedelta(seconds=round(steps / steps_per_second))} left"
 
 
 def run_folder(args):
-    """--out-dir, or a new runs/<date-time>-<random> linked as runs/latest."""
+    """--out-dir, or a new runs/<date-time>-<random> as runs/latest."""
     name = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex()
-    folder = Path(args.out_dir) if args.out_dir else Path("runs", name)  # None or "": new
-    if args.dataset == "folder" and folder.resolve().is_relative_to(args.data_dir):
+    folder = Path(args.out_dir) if args.out_dir else Path("runs", name)
+    inside = folder.resolve().is_relative_to(args.data_dir)
+    if args.dataset == "folder" and inside:  # its grids: read as data
         raise GanError(f"{folder} is inside --data-dir: give another --out-dir")
-    (folder / "samples").mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     if not args.out_dir:  # Windows may refuse links
-        with contextlib.suppress(OSError), written_whole(Path("runs", "latest")) as tmp:
+        with contextlib.suppress(OSError), written_whole(Path("runs/latest")) as tmp:
             tmp.symlink_to(name, target_is_directory=True)
     return folder
 
 
-def train_part(run, args, pixels):
-    """Train to the epoch's end or --max-steps, logged: its grid's name."""
-    if run.order is None:  # new each epoch
-        run.order = torch.randperm(len(pixels), device=pixels.device)
-    sums = torch.zeros(len(STATS), device=pixels.device)
-    first_step = run.step
-    start = time.perf_counter()
-    batches = len(run.order) // args.batch_size
-    for stats in train_epoch(run.G, run.D, run.opt_G, run.opt_D, pixels, args.batch_size,
-                             run.order[run.done:], args.amp, run.ema):
-        sums += stats  # on the device: no waiting
-        run.step += 1
-        run.done += args.batch_size
-        last = run.step >= args.max_steps
-        if last or run.step % args.log_every == 0:
-            stats = stats.tolist()  # waits for the step: only here
-            rate = (run.step - first_step) * args.batch_size / (time.perf_counter() - start)
-            run.metrics.append({"epoch": run.epoch + 1, "step": run.step,
-                                **dict(zip(STATS, stats)), "images_per_s": round(rate)})
-            batch = run.done // args.batch_size
-            print(f"[{run.epoch + 1}/{args.epochs}][{batch}/{batches}] step {run.step}  "
-                  f"{format_stats(stats)}  {rate:,.0f} img/s", flush=True)
-        if last:
-            break
-    means = (sums / (run.step - first_step)).tolist()  # one wait
-    if not all(p.isfinite().all() for p in run.G.parameters()):
-        raise GanError(f"diverged by step {run.step}; try a smaller --lr")
-    completed = len(run.order) - run.done < args.batch_size
-    state = "done" if completed else "stopped"
-    print(f"epoch {run.epoch + 1}/{args.epochs} {state}: mean {format_stats(means)}  "
-          f"{time.perf_counter() - start:.1f}s", flush=True)
-    if not completed:
-        return f"step_{run.step:07d}.png"
-    run.epoch += 1
-    run.order = None
-    run.done = 0
-    return f"epoch_{run.epoch:03d}.png"
-
-
 def train(args, device):
     """Train to --epochs or --max-steps: the exit code."""
-    # Absolute: resume and --eval find it anywhere
-    args.data_dir = str(Path(args.data_dir).resolve())
+    args.data_dir = str(Path(args.data_dir).resolve())  # for resume
     if args.dataset == "folder":
         pixels = read_folder(args.data_dir, args.channels, args.image_size)
     else:
         pixels = load_dataset(args.dataset, args.data_dir)[0]
     pixels = pixels.to(device)
-    if args.batch_size > len(pixels):
-        raise GanError(f"--batch-size {args.batch_size}: only {len(pixels)} images")
+    n = len(pixels)
+    batch = args.batch_size
+    if batch > n:
+        raise GanError(f"--batch-size {batch}: only {n} images")
     flags = {name: getattr(args, name) for name in sorted(SAVED)}
-    run = new_run(flags, device, args.run_checkpoint)
-    if run.order is not None and len(run.order) != len(pixels):
+    run = Run(flags, device)
+    if args.resume:
+        run.resume(args.saved)
+    if run.order is not None and len(run.order) != n:
         raise GanError(f"the run's epoch has {len(run.order)} images, "
-                       f"{args.data_dir} now {len(pixels)}: put them back")
+                       f"{args.data_dir} now {n}: put them back")
     run_dir = run_folder(args)
-    own = checkpoint_file(run_dir).resolve()
-    if args.resume is None or checkpoint_file(args.resume).resolve() != own:
-        try:  # a new run, or a resume into another folder
-            save_checkpoint(run, flags, run_dir, exclusive=True)
-        except FileExistsError:
-            raise GanError(f"{run_dir} already holds a run: --resume {run_dir}, "
-                           "or another --out-dir") from None
+    last_stamp = args.saved_stamp  # the resumed file's
+    if stamp(run_dir / "checkpoint.pt") != last_stamp:  # elsewhere
+        last_stamp = None
+    # Saved first: a folder it may not use costs no epoch
+    last_stamp = save_checkpoint(run.checkpoint(), run_dir, last_stamp)
     print(f"device {device}  torch {torch.__version__}  amp {args.amp}\n"
-          f"{len(pixels)} images, run folder {run_dir}\nflags {json.dumps(flags)}", flush=True)
-    if run.epoch >= args.epochs or run.step >= args.max_steps:
-        print(f"nothing to train: the run is at step {run.step}")
+          f"{n} images, run folder {run_dir}\nflags {json.dumps(flags)}")
+    per_epoch = n // batch  # steps
+    end = run.step - run.done // batch + (args.epochs - run.epoch) * per_epoch
+    end = min(end, args.max_steps)  # the run's last step
     saved_step = run.step
     try:
-        while run.epoch < args.epochs and run.step < args.max_steps:
-            grid = train_part(run, args, pixels)
-            save_checkpoint(run, flags, run_dir)
+        while run.step < end:
+            if run.order is None:  # a new epoch: a new order
+                run.order = torch.randperm(n, device=device)
+            start = time.perf_counter()
+            first = run.step
+            sums = torch.zeros(len(STATS), device=device)
+            steps = train_epoch(run.G, run.D, run.opt_G, run.opt_D, pixels,
+                                batch, run.order[run.done:], args.amp, run.ema)
+            for stats in itertools.islice(steps, end - run.step):
+                sums += stats  # on the device: no waiting
+                run.step += 1
+                run.done += batch
+                if run.step % args.log_every == 0 or run.step == end:
+                    stats = stats.tolist()  # waits for the step: only here
+                    pace = (run.step - first) / (time.perf_counter() - start)
+                    run.metrics.append({"epoch": run.epoch + 1, "step": run.step,
+                                        **dict(zip(STATS, stats))})
+                    print(f"[{run.epoch + 1}/{args.epochs}][{run.done // batch}/{per_epoch}]"
+                          f" step {run.step}  {format_stats(stats)}  {pace * batch:,.0f} img/s"
+                          f"  {time_left(end - run.step, pace)}", flush=True)
+            means = (sums / (run.step - first)).tolist()  # one wait
+            if not all(p.isfinite().all() for p in run.G.parameters()):
+                raise GanError(f"diverged by step {run.step}; try a smaller --lr")
+            seconds = time.perf_counter() - start
+            left = time_left(end - run.step, (run.step - first) / seconds)
+            print(f"epoch {run.epoch + 1}/{args.epochs}: mean "
+                  f"{format_stats(means)}  {seconds:.1f}s, {left}", flush=True)
+            grid = f"step_{run.step:07d}.png"
+            if len(run.order) - run.done < batch:  # the epoch is done
+                run.epoch += 1
+                run.order = None
+                run.done = 0
+                grid = f"epoch_{run.epoch:03d}.png"
+            last_stamp = save_checkpoint(run.checkpoint(), run_dir, last_stamp)
             saved_step = run.step
             save_grid(sample(run.ema.G, run.fixed_noise), run_dir / "samples" / grid)
+            save_progress(run_dir / "samples")
             save_metrics(run.metrics, run_dir / "metrics.csv")
-            plot_losses(run.metrics, len(pixels) // args.batch_size, run_dir / "losses.png")
+            plot_losses(run.metrics, per_epoch, run_dir / "losses.png")
     except KeyboardInterrupt:  # Ctrl-C: the last checkpoint is whole
         print(f"interrupted; resume from step {saved_step}: "
               f"python vanilla_gan.py --resume {run_dir}")
@@ -659,18 +675,11 @@ def train(args, device):
 
 def generate(args, device):
     """N images of a run's averaged G, as a grid or a tensor."""
-    source = checkpoint_file(args.checkpoint)
     out = args.out
-    if not out.parent.is_dir():
-        raise GanError(f"--out {out}: no folder {out.parent}")
-    in_samples = out.parent.name == "samples"  # a run's grids
-    run_dir = out.parent.parent if in_samples else out.parent
-    own = in_samples or out.name in RUN_FILES
-    if out.resolve() == source.resolve() or (own and checkpoint_file(run_dir).exists()):
-        raise GanError(f"--out {out} is for a run's own files")
-    checkpoint = args.run_checkpoint  # as parse_args read it
-    G = load_generator(source, device, checkpoint)
-    rng = torch.Generator().manual_seed(args.seed)  # on the CPU: any device, same z
+    if out.resolve() == checkpoint_file(args.checkpoint).resolve():
+        raise GanError(f"--out {out} is the checkpoint it reads")
+    G = load_generator(None, device, args.saved)
+    rng = torch.Generator().manual_seed(args.seed)  # CPU: the same z anywhere
     z = torch.randn(args.generate, G.latent_dim, generator=rng)
     images = sample(G, z.to(device)).cpu()
     if out.suffix.lower() == ".pt":
@@ -678,104 +687,62 @@ def generate(args, device):
             torch.save(images, f)
     else:
         save_grid(images, out)
-    print(f"wrote {len(images)} images to {out}: the averaged G at step "
-          f"{checkpoint['step']} (epochs done: {checkpoint['epoch']})")
+    print(f"wrote {len(images)} images to {out}, sampled at step "
+          f"{args.saved['step']} (epochs done: {args.saved['epoch']})")
     if args.eval:
         report_quality(images, args.dataset, args.data_dir, device)
     return 0
 
 
-# Tutorials' setups, trained by train_step: no dropout in D, no averaged G
-TUTORIAL = {"latent_dim": 100, "g_activation": "relu", "g_batchnorm": False,
-            "d_dropout": 0.0, "ema_decay": 0.0, "batch_size": 128, "lr": 2e-4}
-CONFIGS = {
-    "shallow": {**TUTORIAL, "g_hidden": [128], "d_hidden": [128], "batch_size": 64, "epochs": 100},
-    "classic": {**TUTORIAL, "g_hidden": [256, 512], "g_activation": "leaky-relu",
-                "d_hidden": [512, 256], "epochs": 50},
-    "deep": {**TUTORIAL, "g_hidden": [256, 512, 1024], "d_hidden": [1024, 512, 256], "epochs": 20},
-    "batchnorm": {**TUTORIAL, "latent_dim": 64, "g_batchnorm": True, "epochs": 500, "lr": 1e-5,
-                  "g_hidden": [128, 256, 512, 1024], "d_hidden": [1024, 512, 256]},
-}
-DEVICES = "auto, cpu, cuda, cuda:N or mps"
-
-
-def checked(cast, is_valid, expected):
-    """An argparse type: `cast`, then refused unless `is_valid`."""
-    def number(text):
+def in_range(cast, low, high):
+    """An argparse type: `cast`, then refused outside [low, high)."""
+    def parse(text):
         value = cast(text)
-        if not is_valid(value):
-            raise argparse.ArgumentTypeError(f"{text} is not {expected}")
+        if not low <= value < high:  # NaN too
+            raise argparse.ArgumentTypeError(f"{text} is not in [{low}, {high})")
         return value
-    return number
-
-
-positive_int = checked(int, lambda n: n > 0, "positive")
-positive = checked(float, lambda x: 0 < x < math.inf, "positive")
-fraction = checked(float, lambda x: 0 <= x < 1, "in [0, 1)")
-seed_type = checked(int, lambda n: 0 <= n < 2**64, "a seed in [0, 2**64)")
-device_type = checked(str, lambda x: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", x), DEVICES)
+    return parse
 
 
 def build_parser():
+    count = in_range(int, 1, math.inf)
+    fraction = in_range(float, 0, 1)  # lr too: 2e4 for 2e-4 is refused
     parser = argparse.ArgumentParser(
         "vanilla_gan.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", choices=CONFIGS, help="a tutorial's setup; typed flags win")
-    parser.add_argument(
-        "--epochs", type=positive_int, default=50, help="passes over the data")
-    parser.add_argument("--max-steps", type=positive_int, default=math.inf, help="step to stop at")
-    parser.add_argument(
-        "--device", type=device_type, default="auto",
-        help=f"{DEVICES}; auto: cuda, else mps, else cpu")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    parser.add_argument(
-        "--seed", type=seed_type, default=42,
-        help="of weights, noise, order, dropout")
-    parser.add_argument(
-        "--dataset", default="mnist", choices=[*DATASETS, "folder"],
-        help="folder: your images")
-    parser.add_argument(
-        "--data-dir", default="data", help="holds MNIST/raw/ etc., or your images")
-    parser.add_argument(
-        "--channels", type=int, choices=[1, 3], default=1, help="folder: grey or RGB")
-    parser.add_argument(
-        "--image-size", type=positive_int, default=28, help="folder: side to fit to")
-    parser.add_argument(
-        "--latent-dim", type=positive_int, default=100, help="z's size")
-    parser.add_argument(
-        "--g-hidden", type=positive_int, nargs="+", metavar="W", default=[256, 512, 1024],
+    add = parser.add_argument
+    add("--config", choices=CONFIGS, help="a tutorial's setup; flags win")
+    add("--epochs", type=count, default=50, help="passes over the data")
+    add("--max-steps", type=count, default=math.inf, help="step to stop at")
+    add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+        help="auto: cuda, else mps, else cpu")
+    add("--amp", action="store_true", help="bfloat16 autocast")
+    add("--seed", type=int, default=42, help="weights, noise, order, dropout")
+    add("--dataset", choices=[*DATASETS, "folder"], default="mnist",
+        help="folder: yours")
+    add("--data-dir", default="data", help="holds MNIST/raw/ etc., or folder's")
+    add("--channels", type=int, choices=[1, 3], default=1, help="folder: grey, RGB")
+    add("--image-size", type=count, default=28, help="folder: side to fit to")
+    add("--latent-dim", type=count, default=100, help="z's size")
+    add("--g-hidden", type=count, nargs="+", default=[256, 512, 1024],
         help="G's widths")
-    parser.add_argument(
-        "--g-activation", choices=ACTIVATIONS, default="leaky-relu",
-        help="G's activation")
-    parser.add_argument(
-        "--g-batchnorm", action="store_true", help="BatchNorm before each activation in G")
-    parser.add_argument(
-        "--d-hidden", type=positive_int, nargs="+", metavar="W", default=[512, 256],
-        help="D's widths")
-    parser.add_argument(
-        "--d-dropout", type=fraction, default=0.3, help="Dropout in D, 0 for none")
-    parser.add_argument(
-        "--ema-decay", type=fraction, default=0.9995,
-        help="of G's average; 0 samples G itself")
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=128, help="real images per step")
-    parser.add_argument(
-        "--lr", type=positive, default=3e-4, help="Adam's lr, G's and D's")
-    parser.add_argument("--out-dir", help="the run folder; none: a new one in runs/")
-    parser.add_argument(
-        "--log-every", type=positive_int, default=100, help="steps between logs")
-    parser.add_argument(
-        "--eval", action="store_true", help="FID and class shares of the samples (not folder)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--resume", metavar="RUN", help="continue a run folder or checkpoint")
-    mode.add_argument(
-        "--generate", type=positive_int, metavar="N", help="only make N images from --checkpoint")
-    mode.add_argument(
-        "--check-device", nargs="?", const="auto", type=device_type, metavar="DEVICE",
-        help="only check a device (auto if none given) and its speed")
-    parser.add_argument("--checkpoint", metavar="RUN", help="--generate's run folder or checkpoint")
-    parser.add_argument(
-        "--out", type=Path, help="--generate's grid (.png, .jpg, ...) or tensor (.pt)")
+    add("--g-activation", choices=ACTIVATIONS, default="leaky-relu")
+    add("--g-batchnorm", action="store_true", help="before G's activations")
+    add("--d-hidden", type=count, nargs="+", default=[512, 256], help="D's widths")
+    add("--d-dropout", type=fraction, default=0.3, help="0 for none")
+    add("--ema-decay", type=fraction, default=0.9995, help="G's average; 0: G itself")
+    add("--batch-size", type=count, default=128, help="real images per step")
+    add("--lr", type=fraction, default=3e-4, help="Adam's, G's and D's")
+    add("--out-dir", help="the run folder; None: a new one in runs/")
+    add("--log-every", type=count, default=100, help="steps between logs")
+    add("--eval", action="store_true", help="FID and class shares")
+    only = parser.add_mutually_exclusive_group().add_argument
+    only("--resume", metavar="RUN", help="a run folder or checkpoint")
+    only("--generate", type=count, metavar="N", help="only make N images")
+    only("--check-device", action="store_true", help="only check --device")
+    add("--checkpoint", metavar="RUN", help="--generate's run")
+    add("--out", type=Path, default="generated.png", help="--generate's .png, .pt, ...")
+    # What parse_args reads from --resume's or --checkpoint's run
+    parser.set_defaults(saved=None, saved_stamp=None)
     return parser
 
 
@@ -783,35 +750,25 @@ def parse_args(argv=None):
     """Each flag as typed, else --config's, else the run's, else default."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.generate and not args.checkpoint:
-        parser.error("--generate needs --checkpoint")
-    if not args.generate and (args.checkpoint or args.out):
-        parser.error("--checkpoint and --out go with --generate")
-    saved = {}
+    if bool(args.generate) != bool(args.checkpoint):
+        parser.error("--generate N and --checkpoint RUN go together")
     source = args.checkpoint if args.generate else args.resume
-    checkpoint = None
+    saved = {}
     if source:
-        path = checkpoint_file(source)
-        checkpoint = load_checkpoint(path)
+        path = checkpoint_file(source).resolve()  # runs/latest: its folder
+        last_stamp = stamp(path)  # before reading: see save_checkpoint
+        checkpoint = load_checkpoint(path)  # once: a trainer may save anew
         saved = checkpoint["args"]
-        folder = path.resolve().parent
-        parser.set_defaults(**saved, out_dir=str(folder), out=path.parent / "generated.png")
+        parser.set_defaults(**saved, out_dir=str(path.parent), saved=checkpoint,
+                            saved_stamp=last_stamp)
     if args.config:  # over the run's: a change is refused below
         parser.set_defaults(**CONFIGS[args.config])
     args = parser.parse_args(argv)  # again, with those defaults
-    args.run_checkpoint = checkpoint  # read once: a trainer may be saving anew
-    kept = KEPT & saved.keys()
-    if args.generate:
-        kept.discard("seed")  # --generate's seed draws z
-    for name in sorted(kept):
+    for name in sorted(set(KEPT) & saved.keys()):
         value = getattr(args, name)
-        if value != saved[name]:
+        if value != saved[name] and not (args.generate and name == "seed"):
             flag = f"--{name.replace('_', '-')}"
-            raise GanError(f"the run has {flag} {saved[name]}, not {value}: a resume keeps it")
-    reads_data = args.resume is not None or args.eval
-    gone = not Path(args.data_dir).exists()
-    if saved and reads_data and gone and args.data_dir == saved["data_dir"]:
-        raise GanError(f"the run's data folder {args.data_dir} is gone: give --data-dir")
+            raise GanError(f"the run has {flag} {saved[name]}, not {value}")
     if args.eval and args.dataset == "folder":
         parser.error("--eval needs a built-in dataset, not folder")
     if args.dataset != "folder" and image_shape(vars(args)) != IMAGE_SHAPE:
@@ -821,27 +778,20 @@ def parse_args(argv=None):
 
 def main(argv=None):
     """The command line: main(["--epochs", "1"]) returns the code."""
-    argv = None if argv is None else [str(arg) for arg in argv]  # Paths, numbers too
-    precision = torch.get_float32_matmul_precision()
     try:
         args = parse_args(argv)
-        if args.check_device:
-            check_device(vars(args), pick_device(args.check_device))
-            return 0
         device = pick_device(args.device)
+        if args.check_device:
+            check_device(vars(args), device)
+            return 0
         if args.generate:
             return generate(args, device)
         return train(args, device)
     except SystemExit as e:  # --help and argparse's errors
         return e.code  # returned: a notebook survives them
-    except KeyboardInterrupt:  # Ctrl-C before training
-        print("interrupted", file=sys.stderr)
-        return 130
     except (GanError, OSError) as e:  # OSError: in Python's words
         print(f"vanilla_gan.py: error: {e}", file=sys.stderr)
         return 1
-    finally:  # the caller's precision back (notebooks)
-        torch.set_float32_matmul_precision(precision)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 Each run is a fresh `python` process, so its wall time counts everything: interpreter
 start-up, imports, loading MNIST, training and writing outputs. The two scripts alternate
-which goes first in each pair, so a warm file cache or a busy machine favours neither.
-Peak memory is the child's own peak resident set size (host RAM, not GPU memory), read
-with os.wait4 on that one child.
+which goes first in each pair, so a warm file cache or a busy machine favours neither, and
+the ratio reported is the median of each pair's own ratio, so a load that changes between
+pairs cannot skew it. --busy N runs N busy loops (`while True: pass`) beside both, as other
+work on a shared machine would. Peak memory is the child's own peak resident set size (host
+RAM, not GPU memory), read with os.wait4 on that one child.
 
-    python bench/compare.py --epochs 3 --pairs 3 --data-dir DIR [--device D]
+    python bench/compare.py --epochs 3 --pairs 3 --data-dir DIR [--device D] [--busy N]
 """
 import argparse
 import os
@@ -29,6 +31,7 @@ def parse_args():
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--device", help="passed to both (default: each script's own)")
+    parser.add_argument("--busy", type=int, default=0, help="busy loops to run beside both")
     return parser.parse_args()
 
 
@@ -81,12 +84,7 @@ def describe(seconds):
     return f"{median:.1f}s (min {min(seconds):.1f} to max {max(seconds):.1f})"
 
 
-def main():
-    args = parse_args()
-    # Absolute, since the children may not share our idea of a relative path
-    data_dir = os.path.abspath(args.data_dir)
-    times = {TEXTBOOK: [], VANILLA: []}
-    peaks = {TEXTBOOK: [], VANILLA: []}
+def run_pairs(args, data_dir, times, peaks):
     for pair in range(args.pairs):
         order = [TEXTBOOK, VANILLA]
         if pair % 2 == 1:
@@ -98,13 +96,27 @@ def main():
             print(f"pair {pair + 1}/{args.pairs}  {name:12s} {seconds:7.1f}s"
                   f"  peak {peak_mib:7.0f} MiB", flush=True)
 
+
+def main():
+    args = parse_args()
+    # Absolute, since the children may not share our idea of a relative path
+    data_dir = os.path.abspath(args.data_dir)
+    times = {TEXTBOOK: [], VANILLA: []}
+    peaks = {TEXTBOOK: [], VANILLA: []}
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        run_pairs(args, data_dir, times, peaks)
+    finally:
+        for loop in busy:
+            loop.kill()
     device = args.device if args.device else "each script's default"
-    print(f"\n{args.epochs} epoch(s), {args.pairs} pair(s), device: {device}")
+    print(f"\n{args.epochs} epoch(s), {args.pairs} pair(s), device: {device}, "
+          f"{args.busy} busy loop(s) beside")
     for name in (TEXTBOOK, VANILLA):
         memory = statistics.median(peaks[name])
         print(f"{name:12s} {describe(times[name])}, median peak {memory:.0f} MiB")
-    ratio = statistics.median(times[VANILLA]) / statistics.median(times[TEXTBOOK])
-    print(f"ratio of medians {VANILLA} / {TEXTBOOK}: {ratio:.2f}")
+    ratios = [ours / theirs for ours, theirs in zip(times[VANILLA], times[TEXTBOOK])]
+    print(f"median of the pairs' ratios {VANILLA} / {TEXTBOOK}: {statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":
