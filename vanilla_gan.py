@@ -310,7 +310,7 @@ class Run:
         for name, stateful in self.stateful.items():
             stateful.load_state_dict(checkpoint[name])
         for group in [*self.opt_G.param_groups, *self.opt_D.param_groups]:
-            group["lr"] = self.flags["lr"]
+            group["lr"] = self.flags["lr"]  # lr may change on resume
         self.ema.steps = checkpoint["step"]
         self.fixed_noise = checkpoint["fixed_noise"].to(self.device)
         self.epoch = checkpoint["epoch"]
@@ -725,7 +725,7 @@ def build_parser():
     add("--latent-dim", type=count, default=100, help="z's size")
     add("--g-hidden", type=count, nargs="+", default=[256, 512, 1024],
         help="G's widths")
-    add("--g-activation", choices=ACTIVATIONS, default="leaky-relu")
+    add("--g-activation", choices=ACTIVATIONS, default="leaky-relu", help="G's")
     add("--g-batchnorm", action="store_true", help="before G's activations")
     add("--d-hidden", type=count, nargs="+", default=[512, 256], help="D's widths")
     add("--d-dropout", type=fraction, default=0.3, help="0 for none")
