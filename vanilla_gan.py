@@ -100,7 +100,6 @@ def train_step(G, D, opt_G, opt_D, real, z, amp=False):
     autocast = contextlib.nullcontext()
     if amp:
         autocast = torch.autocast(real.device.type, torch.bfloat16)
-    D.requires_grad_(True)  # a step stopped half way left it frozen
     n = len(real)
     with autocast:
         fake = G(z)  # one fake batch serves both updates
@@ -120,16 +119,14 @@ def train_step(G, D, opt_G, opt_D, real, z, amp=False):
     # G maximises log D(G(z)), the non-saturating loss: the gradient
     # of log(1 - D(G(z))) vanishes while D rejects G's fakes. The
     # updated D judges the same fakes (Algorithm 1 of the paper draws
-    # new noise; reusing them saves a G pass). Frozen, D passes G its
-    # gradient without computing D's own, which opt_G would not use.
-    D.requires_grad_(False)
+    # new noise; reusing them saves a G pass). inputs: gradients for
+    # G's weights only; D's, which opt_G would not use, are not made.
     with autocast:
         fooled_logits = D(fake).float()
         loss_G = bce(fooled_logits, torch.ones_like(fooled_logits))
     opt_G.zero_grad()
-    loss_G.backward()
+    loss_G.backward(inputs=list(G.parameters()))
     opt_G.step()
-    D.requires_grad_(True)
 
     # D(x), D(G(z)): D's mean P(real) before its update; 0.5 at equilibrium
     d_real = torch.sigmoid(real_logits).mean()
@@ -202,7 +199,7 @@ def sample(G, z):
 
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
 STATS = ("Loss_D", "Loss_G", "D(x)", "D(G(z))")
-# Flags a resume keeps; SAVED adds those it may change
+# Flags a resume keeps; SAVED adds the others
 KEPT = ("batch_size channels d_dropout d_hidden dataset ema_decay g_activation"
         " g_batchnorm g_hidden image_size latent_dim seed").split()
 SAVED = [*KEPT, "data_dir", "epochs", "log_every", "lr"]
@@ -210,7 +207,7 @@ JUDGE_FEATURES = 128  # FID's: the judge's last hidden layer
 EVAL_SAMPLES = 10_000  # FID falls as N grows: compare at one N
 TOLERANCE = 1e-4  # rounding: ~1e-6; a layer off by 0.5%: ~1e-2
 CHECK_SECONDS = 10  # --check-device times training this long
-# Tutorials' setups, trained by train_step: no Dropout, no averaged G
+# Tutorials' setups, here without Dropout or an averaged G
 TUTORIAL = dict(latent_dim=100, g_activation="relu", g_batchnorm=False,
                 d_dropout=0.0, ema_decay=0.0, batch_size=128, lr=2e-4)
 CONFIGS = {
@@ -339,11 +336,11 @@ def written_whole(path):
         tmp.unlink(missing_ok=True)
 
 
-def stamp(path):  # the size and time of the last write
+def stamp(path):  # changes with each write
     if not path.exists():
         return None
     status = path.stat()
-    return (status.st_size, status.st_mtime_ns)
+    return (status.st_ino, status.st_size, status.st_mtime_ns)
 
 
 def save_checkpoint(checkpoint, run_dir, last_stamp):
@@ -477,7 +474,7 @@ def frechet_distance(a, b):
 def report_quality(images, dataset, data_dir, device):
     """FID against the test set, and the class shares."""
     n = len(images)
-    if n <= JUDGE_FEATURES:  # else a singular covariance
+    if n <= JUDGE_FEATURES:  # else a rank-deficient covariance
         raise GanError(f"--eval needs over {JUDGE_FEATURES} samples, not {n}")
     train_images, labels = load_dataset(dataset, data_dir)
     test_images = load_dataset(dataset, data_dir, False)[0]
@@ -610,10 +607,9 @@ def train(args, device):
                        f"{args.data_dir} now {n}: put them back")
     run_dir = run_folder(args)
     last_stamp = args.saved_stamp  # the resumed file's
-    if stamp(run_dir / "checkpoint.pt") != last_stamp:  # elsewhere
-        last_stamp = None
-    # Saved first: a folder it may not use costs no epoch
-    last_stamp = save_checkpoint(run.checkpoint(), run_dir, last_stamp)
+    if last_stamp is None or stamp(run_dir / "checkpoint.pt") != last_stamp:
+        # Saved first here: a folder it may not use costs no epoch
+        last_stamp = save_checkpoint(run.checkpoint(), run_dir, None)
     print(f"device {device}  torch {torch.__version__}  amp {args.amp}\n"
           f"{n} images, run folder {run_dir}\nflags {json.dumps(flags)}")
     per_epoch = n // batch  # steps
@@ -633,7 +629,7 @@ def train(args, device):
                 sums += stats  # on the device: no waiting
                 run.step += 1
                 run.done += batch
-                if run.step % args.log_every == 0 or run.step == end:
+                if run.step % args.log_every == 0:
                     stats = stats.tolist()  # waits for the step: only here
                     pace = (run.step - first) / (time.perf_counter() - start)
                     run.metrics.append({"epoch": run.epoch + 1, "step": run.step,
@@ -678,7 +674,7 @@ def generate(args, device):
     out = args.out
     if out.resolve() == checkpoint_file(args.checkpoint).resolve():
         raise GanError(f"--out {out} is the checkpoint it reads")
-    G = load_generator(None, device, args.saved)
+    G = load_generator(args.checkpoint, device, args.saved)
     rng = torch.Generator().manual_seed(args.seed)  # CPU: the same z anywhere
     z = torch.randn(args.generate, G.latent_dim, generator=rng)
     images = sample(G, z.to(device)).cpu()
@@ -687,7 +683,7 @@ def generate(args, device):
             torch.save(images, f)
     else:
         save_grid(images, out)
-    print(f"wrote {len(images)} images to {out}, sampled at step "
+    print(f"wrote {len(images)} images to {out} from step "
           f"{args.saved['step']} (epochs done: {args.saved['epoch']})")
     if args.eval:
         report_quality(images, args.dataset, args.data_dir, device)
@@ -706,7 +702,7 @@ def in_range(cast, low, high):
 
 def build_parser():
     count = in_range(int, 1, math.inf)
-    fraction = in_range(float, 0, 1)  # lr too: 2e4 for 2e-4 is refused
+    fraction = in_range(float, 0, 1)  # lr too: 2e4 is refused
     parser = argparse.ArgumentParser(
         "vanilla_gan.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
@@ -789,6 +785,9 @@ def main(argv=None):
         return train(args, device)
     except SystemExit as e:  # --help and argparse's errors
         return e.code  # returned: a notebook survives them
+    except KeyboardInterrupt:  # Ctrl-C outside training
+        print("interrupted", file=sys.stderr)
+        return 130
     except (GanError, OSError) as e:  # OSError: in Python's words
         print(f"vanilla_gan.py: error: {e}", file=sys.stderr)
         return 1
