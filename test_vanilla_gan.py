@@ -287,8 +287,8 @@ def test_a_run_leaves_every_output_and_generates_from_its_averaged_g(capsys, tra
     assert not (tmp_path / "pwned").exists()
 
 
-def test_every_model_data_and_optimiser_flag_arrives_and_each_tutorial_setup(capsys, data_root,
-                                                                            tmp_path, monkeypatch):
+def test_every_model_data_and_optimiser_flag_arrives_and_each_tutorial_setup(
+        capsys, data_root, tmp_path, monkeypatch):
     seen, real_epoch = [], vg.train_epoch
 
     def spy(G, D, opt_G, opt_D, pixels, batch_size, order, amp, ema):

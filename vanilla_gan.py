@@ -348,7 +348,7 @@ def save_checkpoint(checkpoint, run_dir, last_stamp):
     path = run_dir / "checkpoint.pt"
     if stamp(path) != last_stamp:  # another run's, maybe training
         raise GanError(f"{run_dir} holds another run: "
-                       f"--resume {run_dir}, or another --out-dir")
+                       f"--resume {run_dir} when idle, or another --out-dir")
     with written_whole(path) as tmp, open(tmp, "wb") as f:
         torch.save(checkpoint, f)  # a full disk: OSError, one line
     with written_whole(run_dir / "flags.json") as tmp:
