@@ -523,7 +523,7 @@ def compare_with_cpu(flags, device, batches=5):
         ours = check_step(flags, x, noise, device)
         cpus = check_step(flags, x, noise, torch.device("cpu"))
         errors.append([((a - b).norm() / b.norm()).item() for a, b in zip(ours, cpus)])
-    # The median drops a batch where rounding flips a LeakyReLU; NaN stays
+    # The median drops a batch a flipped LeakyReLU spoils; NaN stays
     return torch.tensor(errors).median(dim=0).values.max().item()
 
 
@@ -554,7 +554,7 @@ def check_device(flags, device):
             raise GanError(f"device check failed: {device} is off by {error:.1e}")
         print(f"device check passed: {device} matches the CPU to {error:.0e}")
     if cuda:
-        torch.cuda.reset_peak_memory_stats(device)  # training's peak alone
+        torch.cuda.reset_peak_memory_stats(device)  # training's alone
     seconds = seconds_per_step(flags, device)
     epochs = flags["epochs"]
     steps = epochs * (60_000 // flags["batch_size"])
@@ -679,8 +679,6 @@ def generate(args, device):
     rng = torch.Generator().manual_seed(args.seed)  # CPU: the same z anywhere
     z = torch.randn(args.generate, G.latent_dim, generator=rng)
     images = sample(G, z.to(device)).cpu()
-    if args.eval:  # first: it may refuse
-        report_quality(images, args.dataset, args.data_dir, device)
     if out.suffix.lower() == ".pt":
         with written_whole(out) as tmp, open(tmp, "wb") as f:
             torch.save(images, f)
@@ -688,6 +686,8 @@ def generate(args, device):
         save_grid(images, out)
     print(f"wrote {len(images)} images to {out} from step "
           f"{args.saved['step']} (epochs done: {args.saved['epoch']})")
+    if args.eval:
+        report_quality(images, args.dataset, args.data_dir, device)
     return 0
 
 
@@ -738,7 +738,7 @@ def build_parser():
     only("--check-device", action="store_true", help="only check --device")
     add("--checkpoint", metavar="RUN", help="--generate's run")
     add("--out", type=Path, default="generated.png", help="--generate's .png, .pt")
-    # parse_args sets these from the run it reads
+    # set by parse_args from the run it reads
     parser.set_defaults(saved=None, saved_stamp=None)
     return parser
 
@@ -758,7 +758,7 @@ def parse_args(argv=None):
         saved = checkpoint["args"]
         parser.set_defaults(**saved, out_dir=str(path.parent), saved=checkpoint,
                             saved_stamp=last_stamp)
-    if args.config:  # over the run's: a change is refused below
+    if args.config:  # over the run's; a change is refused
         parser.set_defaults(**CONFIGS[args.config])
     args = parser.parse_args(argv)  # again, with those defaults
     for name in sorted(set(KEPT) & saved.keys()):
@@ -766,6 +766,8 @@ def parse_args(argv=None):
         if value != saved[name] and not (args.generate and name == "seed"):
             flag = f"--{name.replace('_', '-')}"
             raise GanError(f"the run has {flag} {saved[name]}, not {value}")
+    if args.eval and args.generate and args.generate <= JUDGE_FEATURES:
+        raise GanError(f"--eval needs over {JUDGE_FEATURES} samples, not {args.generate}")
     if args.eval and args.dataset == "folder":
         parser.error("--eval needs a built-in dataset, not folder")
     if args.dataset != "folder" and image_shape(vars(args)) != IMAGE_SHAPE:
